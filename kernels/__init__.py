@@ -1,0 +1,1 @@
+"""routelens.kernels: fused masked-routing kernels and their PyTorch reference. Installed as routelens.kernels."""
