@@ -28,6 +28,7 @@ import filecmp
 import hashlib
 import html
 import io
+import gzip
 import json
 import os
 import re
@@ -504,9 +505,14 @@ def make_demo(held: list[dict], rheld: list[dict]) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """One JSON object per line; `.gz` paths are gzip-compressed with mtime 0 so rebuilds are byte-identical
+    (the big splits are stored compressed to keep the repository, and what travels with it, small)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    if path.suffix == ".gz":
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
 
 
 def build(out: Path, cache: Path, fetch_ok: bool) -> dict:
@@ -518,10 +524,10 @@ def build(out: Path, cache: Path, fetch_ok: bool) -> dict:
     train, held, n_dup = rows_of(items)
     rtrain, rheld = make_reasoning.generate()
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "parallel.train.jsonl", train)
-    write_jsonl(out / "parallel.heldout.jsonl", held)
-    write_jsonl(out / "reasoning.train.jsonl", rtrain)
-    write_jsonl(out / "reasoning.heldout.jsonl", rheld)
+    write_jsonl(out / "parallel.train.jsonl.gz", train)
+    write_jsonl(out / "parallel.heldout.jsonl.gz", held)
+    write_jsonl(out / "reasoning.train.jsonl.gz", rtrain)
+    write_jsonl(out / "reasoning.heldout.jsonl.gz", rheld)
     demo = make_demo(held, rheld)
     write_jsonl(out / "demo.jsonl", demo)
 
@@ -561,8 +567,10 @@ def build(out: Path, cache: Path, fetch_ok: bool) -> dict:
         "packages": versions,
         "files": {},
     }
-    for name in sorted(p.name for p in out.glob("*.jsonl")):
+    for name in sorted(p.name for p in out.glob("*.jsonl*")):
         b = (out / name).read_bytes()
+        if name.endswith(".gz"):
+            b = gzip.decompress(b)  # counts and hash describe the text, whatever the container
         stats["files"][name] = {"lines": b.count(b"\n"), "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
     with open(out / "stats.json", "w", encoding="utf-8", newline="\n") as f:
         json.dump(stats, f, ensure_ascii=False, indent=1, sort_keys=False)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import gzip
 import json
 import random
 from decimal import Decimal
@@ -554,9 +555,14 @@ def generate(n_train: int = 20000, n_heldout: int = 2000, seed: int = SEED) -> t
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """One JSON object per line; `.gz` paths are gzip-compressed with mtime 0 so rebuilds are byte-identical
+    (the big splits are stored compressed to keep the repository, and what travels with it, small)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    if path.suffix == ".gz":
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
 
 
 def main() -> None:
@@ -569,8 +575,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     train, held = generate(a.n_train, a.n_heldout, a.seed)
-    write_jsonl(out / "reasoning.train.jsonl", train)
-    write_jsonl(out / "reasoning.heldout.jsonl", held)
+    write_jsonl(out / "reasoning.train.jsonl.gz", train)
+    write_jsonl(out / "reasoning.heldout.jsonl.gz", held)
     print(f"reasoning: {len(train)} train, {len(held)} held-out -> {out}")
 
 

@@ -5,6 +5,7 @@ scripts/make_reasoning.py.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -18,18 +19,20 @@ import pytest
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 FILES = ["parallel.train.jsonl", "parallel.heldout.jsonl", "reasoning.train.jsonl", "reasoning.heldout.jsonl",
          "demo.jsonl"]
+STORED = {n: (n if n == "demo.jsonl" else n + ".gz") for n in FILES}  # the big splits are stored gzipped
 REQUIRED_LANGS = ["en", "de", "fr", "es", "ru", "zh", "ja", "ar", "hi", "sw"]
 MARKERS = ["Wait", "Alternatively", "So", "Hmm", "Let me check"]
 
 
 def _read(name: str) -> list[dict]:
-    with open(CORPUS / name, encoding="utf-8") as f:
+    opener = gzip.open if STORED[name].endswith(".gz") else open
+    with opener(CORPUS / STORED[name], "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
 def corpus() -> dict[str, list[dict]]:
-    missing = [n for n in FILES + ["stats.json"] if not (CORPUS / n).exists()]
+    missing = [n for n in [*STORED.values(), "stats.json"] if not (CORPUS / n).exists()]
     if missing:
         pytest.fail(f"missing corpus files {missing}: run python scripts/build_corpus.py")
     return {n: _read(n) for n in FILES}
@@ -96,7 +99,7 @@ def test_no_placeholder_or_markup_residue(corpus):
 def test_stats_match_files(corpus):
     stats = json.loads((CORPUS / "stats.json").read_text(encoding="utf-8"))
     for name in FILES:
-        assert stats["files"][name]["lines"] == len(corpus[name]), name
+        assert stats["files"][STORED[name]]["lines"] == len(corpus[name]), name
     langs = stats["parallel"]["languages"]
     for lang, v in langs.items():
         n_tr = sum(r["lang"] == lang for r in corpus["parallel.train.jsonl"])
