@@ -29,7 +29,6 @@ class TokenBlock:
     residual_max: np.ndarray | None = None  # float32 [R, N], max |h| over channels after layer
     residual_channel: np.ndarray | None = None  # int32 [R, N], channel of that max
     generated: np.ndarray | None = None  # bool [N], token was produced by generate(), not the prompt
-    tokens: list[str] | None = None  # [N] decoded token text, when the tracer has a tokenizer
 
     @property
     def n_tokens(self) -> int:
