@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .errors import UnsupportedModelError
+
 __all__ = ["TINY_FAMILIES", "PAD_ID", "BOS_ID", "EOS_ID", "build_tiny_model", "byte_tokenizer"]
 
 # Byte tokens take ids 0..255; the specials follow.
@@ -136,7 +138,7 @@ def build_tiny_model(
     that the bias changes routing, as in the real checkpoints.
     """
     if family not in _SPECS:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+        raise UnsupportedModelError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
     import transformers
 
     config_name, model_name, family_config = _SPECS[family]

@@ -228,7 +228,7 @@ def test_build_tiny_model_is_deterministic_and_leaves_global_rng_alone():
     pa, pb, pc = (m.model.layers[0].mlp.experts.down_proj for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert not a.training
-    with pytest.raises(ValueError, match="unknown tiny family"):
+    with pytest.raises(UnsupportedModelError, match="unknown tiny family"):
         build_tiny_model("nope")
     assert set(TINY_FAMILIES) >= {f for f, _ in CASES.values()} | {"llama"}
 

@@ -1,0 +1,199 @@
+"""The `routelens` command line. Every command takes --json for machine-readable output; every user error is
+one line on stderr with a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .errors import RoutelensError
+
+DEMO_INPUT = Path(__file__).resolve().parent.parent / "data" / "corpus" / "demo.jsonl"
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    return obj
+
+
+def _emit(args, payload, text: str) -> None:
+    if args.json:
+        print(json.dumps(_jsonable(payload), ensure_ascii=False, indent=None))
+    else:
+        print(text)
+
+
+def _run_line(r) -> str:
+    tags = f" tags={','.join(r.tags)}" if r.tags else ""
+    return (f"{r.run_id:>4}  {r.status:<10}  {r.family:<12} E={r.num_experts:<4} k={r.top_k:<2} "
+            f"layers={len(r.moe_layers):<3} seqs={r.n_sequences:<6} tokens={r.n_tokens:<9} "
+            f"{(r.name or ''):<16} {r.model}{tags}")
+
+
+def _load(args):
+    from transformers.utils import logging as hf_logging
+
+    from .loading import load_model
+
+    hf_logging.set_verbosity_error()  # the CLI speaks in its own one-line messages; library warnings are noise here
+    from .tiny import byte_tokenizer, build_tiny_model
+
+    if args.model.startswith("tiny:"):
+        family = args.model.split(":", 1)[1]
+        return build_tiny_model(family), byte_tokenizer()
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+
+
+def cmd_trace(args) -> int:
+    from .store import Store
+    from .tracer import TraceOptions, trace
+
+    from .tracer.inputs import read_inputs
+
+    read_inputs(args.input)  # validate the input before paying for a model load
+    store = Store.open(args.db)
+    model, tokenizer = _load(args)
+    opts = TraceOptions(batch_size=args.batch_size, max_tokens=args.max_tokens, overflow=args.overflow,
+                        logits=args.logits, expert_stats=args.expert_stats, residual=not args.no_residual,
+                        max_new_tokens=args.max_new_tokens, shard=args.shard, num_shards=args.num_shards,
+                        run_uuid=args.run_uuid)
+    run = trace(model, tokenizer, args.input, store=store, name=args.name, tags=args.tag or (), options=opts,
+                model_ref=args.model, progress=not args.json and not args.no_progress)
+    _emit(args, run.info, _run_line(run.info))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .store import Store
+
+    runs = Store.open(args.db, create=False).runs()
+    text = "\n".join(_run_line(r) for r in runs) if runs else f"no runs in {args.db}; add one with `routelens trace`"
+    _emit(args, runs, text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .store import Store
+
+    path = Store.open(args.db, create=False).export_run(_run_ref(args.run), args.parquet)
+    _emit(args, {"run": args.run, "path": str(path)}, f"exported run {args.run} to {path}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .store import Store
+
+    runs = Store.open(args.db).import_runs(*args.dirs)
+    _emit(args, runs, "\n".join(_run_line(r) for r in runs))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: trace the shipped demo texts and summarise the routing."""
+    from .store import Store
+    from .tiny import byte_tokenizer, build_tiny_model
+    from .tracer import TraceOptions, trace
+
+    store = Store.open(args.db)
+    model, tok = build_tiny_model("qwen3_moe", num_layers=4, num_experts=16, top_k=2), byte_tokenizer()
+    run = trace(model, tok, str(DEMO_INPUT), store=store, name="demo", tags=("demo",),
+                options=TraceOptions(batch_size=16, logits=True, expert_stats=True),
+                model_ref="tiny:qwen3_moe (random init, 4 layers, 16 experts, top-2)", progress=not args.json)
+    loads = store.sql(
+        "SELECT layer, expert, count(*) AS n FROM routing WHERE run_id = ? GROUP BY layer, expert "
+        "QUALIFY row_number() OVER (PARTITION BY layer ORDER BY n DESC, expert) <= 3 ORDER BY layer, n DESC",
+        [run.info.run_id],
+    )
+    lines = [_run_line(run.info), "", "most used experts per layer (tokens routed):"]
+    for layer in sorted(set(loads["layer"].to_list())):
+        sub = loads.filter(loads["layer"] == layer)
+        lines.append(f"  layer {layer}: " + ", ".join(f"e{e} ({n})" for e, n in zip(sub["expert"], sub["n"])))
+    lines.append(f"\nstore: {args.db}  (try: routelens runs --db {args.db})")
+    _emit(args, {"run": run.info, "top_experts": loads.to_dicts()}, "\n".join(lines))
+    return 0
+
+
+def _run_ref(ref: str):
+    return int(ref) if ref.isdigit() else ref
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="routelens", description="Trace, analyze and steer MoE routing.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    t = sub.add_parser("trace", help="trace a model's routing over an input file into a store")
+    t.add_argument("model", help="local model folder, hub id, or tiny:FAMILY for a random-init tiny model")
+    t.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (text, label, lang, align_id)")
+    t.add_argument("--db", required=True, help="store file (DuckDB); created if missing")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-tokens", type=int, default=None, help="longest sequence per forward (default: context)")
+    t.add_argument("--overflow", choices=["error", "chunk", "truncate"], default="error",
+                   help="what to do with texts longer than --max-tokens")
+    t.add_argument("--logits", action="store_true", help="also store full router logits (fp16)")
+    t.add_argument("--expert-stats", action="store_true", help="record max |down_proj in/out| per expert")
+    t.add_argument("--no-residual", action="store_true", help="skip per-layer max |residual| per token")
+    t.add_argument("--max-new-tokens", type=int, default=0, help="greedy-generate and trace the decode steps")
+    t.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu")
+    t.add_argument("--device-map", default=None, help="e.g. auto: spread a big model over GPUs (accelerate)")
+    t.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    t.add_argument("--name", default=None)
+    t.add_argument("--tag", action="append", help="free-form tag (repeatable)")
+    t.add_argument("--shard", type=int, default=0, help="this process's shard index (texts i %% N == shard)")
+    t.add_argument("--num-shards", type=int, default=1)
+    t.add_argument("--run-uuid", default=None, help="shared id of a run traced as several shards")
+    t.add_argument("--no-progress", action="store_true")
+    common(t)
+    t.set_defaults(func=cmd_trace)
+
+    r = sub.add_parser("runs", help="list the runs in a store")
+    r.add_argument("--db", required=True)
+    common(r)
+    r.set_defaults(func=cmd_runs)
+
+    e = sub.add_parser("export", help="export a run as Parquet (partitioned by run and layer)")
+    e.add_argument("run", help="run id, name or uuid")
+    e.add_argument("--db", required=True)
+    e.add_argument("--parquet", required=True, help="output directory")
+    common(e)
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("import", help="import exported runs (shards of one run are merged)")
+    i.add_argument("dirs", nargs="+", help="directories written by `routelens export`")
+    i.add_argument("--db", required=True)
+    common(i)
+    i.set_defaults(func=cmd_import)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default model and data")
+    d.add_argument("--db", default="routelens-demo.duckdb")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RoutelensError as exc:
+        print(f"routelens: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("routelens: interrupted; the run in progress is left marked incomplete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Recording any forwards the user runs: plain calls, `generate`, or a user's own nnsight trace.
+
+`routelens.trace` drives the model itself; `recording` instead watches whatever the user does while the
+block is open, so routing is captured in the same forward as the user's own interventions (e.g. an
+nnsight `.source` edit of a router): the experts pre-hook sees the routing that actually executed.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+from .._compat import check_transformers
+from ..adapters import adapt
+from ..records import SequenceRecord, TokenBlock
+from .driver import TraceOptions, run_meta, token_texts
+from .hooks import RoutingRecorder
+
+
+def unwrap(model):
+    """The torch module under an nnsight wrapper (NNsight / TransformersModel keep it as `_module`)."""
+    inner = getattr(model, "_module", None)
+    return inner if inner is not None and hasattr(inner, "forward") else model
+
+
+@dataclass
+class Recording:
+    """Handle yielded by `recording`; `run` is set to the stored run's handle when the block exits."""
+
+    recorder: RoutingRecorder
+    run: object | None = None
+    _tokens: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def set_sequences(self, seq_ids, pos_offset=None) -> None:
+        self.recorder.set_sequences(seq_ids, pos_offset)
+
+
+@contextmanager
+def recording(model, store, *, tokenizer=None, name: str | None = None, tags=(), logits: bool = False,
+              residual: bool = True, expert_stats: bool = False, model_ref: str | None = None,
+              input_source: str = "python"):
+    """Record the routing of every forward of `model` (a transformers model or an nnsight wrapper of one)
+    run inside the block into a new run of `store`. Rows without `set_sequences` get fresh sequence ids."""
+    from ..store import Store
+
+    check_transformers()
+    base = unwrap(model)
+    adapter = adapt(base)
+    st = store if isinstance(store, Store) else Store.open(store)
+    options = TraceOptions(logits=logits, residual=residual, expert_stats=expert_stats)
+    meta = run_meta(base, adapter, model_ref=model_ref, input_source=input_source, name=name, tags=tags,
+                    options=options)
+    writer = st.create_run(meta)
+    handle: Recording | None = None
+
+    def sink(block: TokenBlock) -> None:
+        for s, p, t in zip(block.seq_id.tolist(), block.pos.tolist(), block.token_id.tolist()):
+            handle._tokens.setdefault(s, []).append((p, t))
+        writer.add_block(block)
+
+    with writer:
+        with RoutingRecorder(base, adapter, sink, logits=logits, residual=residual,
+                             expert_stats=expert_stats) as rec:
+            handle = Recording(rec)
+            yield handle
+            rec.flush()
+            writer.add_expert_stats(rec.expert_stats())
+        seqs = []
+        seen: set[int] = set()
+        for seq_id, toks in sorted(handle._tokens.items()):
+            toks.sort()
+            ids = [t for _, t in toks]
+            seen.update(ids)
+            text = tokenizer.decode(ids) if tokenizer is not None else ""
+            seqs.append(SequenceRecord(seq_id=seq_id, text=text, n_tokens=len(ids)))
+        writer.add_sequences(seqs)
+        if tokenizer is not None:
+            writer.add_vocabulary(token_texts(tokenizer, seen))
+        info = writer.finish("complete")
+    handle.run = st.run(info.run_id)

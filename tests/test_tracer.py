@@ -1,0 +1,183 @@
+"""The tracer against each family's own routing: what is stored equals what the model computed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from routelens.adapters import adapt
+from routelens.errors import InputError
+from routelens.store import Store
+from routelens.tiny import build_tiny_model, byte_tokenizer
+from routelens.tracer import TraceOptions, trace
+from routelens.tracer.hooks import RoutingRecorder
+
+FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe",
+            "granitemoe"]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Der Fuchs.", "快速的棕色狐狸跳过了懒狗。 ok", "hi"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def _reference(model, tok, texts):
+    """The model's own routing on the same padded batch the tracer builds (longest first, right padding),
+    captured by independent hooks on the routers plus output_router_logits."""
+    adapter = adapt(model)
+    ids = [tok(t)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+    width = len(ids[order[0]])
+    x = torch.full((len(texts), width), tok.pad_token_id)
+    m = torch.zeros_like(x)
+    for r, i in enumerate(order):
+        x[r, : len(ids[i])] = torch.tensor(ids[i])
+        m[r, : len(ids[i])] = 1
+    got = {}
+    hooks = [l.router.register_forward_hook(lambda mod, a, o, li=l.index: got.__setitem__(li, o))
+             for l in adapter.moe_layers]
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=m, output_router_logits=True, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return adapter, order, ids, m, got, out.router_logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trace_matches_model_routing(family, tok, tmp_path):
+    model = build_tiny_model(family)
+    store = Store.open(tmp_path / "s.duckdb")
+    run = trace(model, tok, TEXTS, store=store, options=TraceOptions(batch_size=len(TEXTS), logits=True))
+    adapter, order, ids, mask, router_out, rl = _reference(model, tok, TEXTS)
+    k = adapter.top_k
+    routing = run.routing().sort(["layer", "seq_id", "pos", "rank"])
+    n_tok = sum(len(i) for i in ids)
+    assert routing.height == n_tok * len(adapter.moe_layers) * k
+    assert sorted(set(routing["layer"].to_list())) == [l.index for l in adapter.moe_layers]
+    width = mask.shape[1]
+    for li, layer in enumerate(adapter.moe_layers):
+        logits, w, idx = router_out[layer.index]
+        # output_router_logits gives one entry per sparse layer; the router hook must agree with it
+        torch.testing.assert_close(logits.float(), rl[li].float())
+        if not adapter.router_output_sorted:
+            w, o = w.sort(dim=-1, descending=True, stable=True)
+            idx = idx.gather(-1, o)
+        lg_index, lg = run.logits(layer.index)
+        for r, i in enumerate(order):
+            rows = r * width + np.arange(len(ids[i]))
+            sub = routing.filter((routing["layer"] == layer.index) & (routing["seq_id"] == i))
+            exp = sub["expert"].to_numpy().reshape(len(ids[i]), k)
+            wt = sub["weight"].to_numpy().reshape(len(ids[i]), k)
+            np.testing.assert_array_equal(exp, idx[rows].numpy())
+            np.testing.assert_allclose(wt, w[rows].float().numpy(), rtol=2e-3, atol=1e-4)
+            sel = (lg_index["seq_id"].to_numpy() == i)
+            pos = lg_index["pos"].to_numpy()[sel]
+            np.testing.assert_allclose(lg[sel][np.argsort(pos)].astype(np.float32),
+                                       logits[rows].float().numpy(), rtol=2e-3, atol=2e-3)
+    toks = run.tokens().sort(["seq_id", "pos"])
+    for i in range(len(TEXTS)):
+        assert toks.filter(toks["seq_id"] == i)["token_id"].to_list() == ids[i]
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
+def test_observing_changes_nothing(family, tok):
+    model = build_tiny_model(family)
+    x = torch.tensor([tok("Observing changes nothing.")["input_ids"]])
+    with torch.no_grad():
+        before = model(x).logits
+        blocks = []
+        with RoutingRecorder(model, adapt(model), blocks.append, logits=True, residual=True) as rec:
+            during = model(x).logits
+            rec.flush()
+        after = model(x).logits
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert len(blocks) == 1 and blocks[0].n_tokens == x.shape[1]
+
+
+def test_left_and_right_padding_record_the_same(tok, tmp_path):
+    model = build_tiny_model("qwen3_moe")
+    texts = ["short", "a much longer sentence than the first one"]
+    store = Store.open(tmp_path / "s.duckdb")
+    batched = trace(model, tok, texts, store=store, options=TraceOptions(batch_size=2)).routing()
+    single = trace(model, tok, texts, store=store, options=TraceOptions(batch_size=1)).routing()
+    key = ["seq_id", "pos", "layer", "rank"]
+    a, b = batched.sort(key), single.sort(key)
+    assert a["expert"].to_list() == b["expert"].to_list()
+    np.testing.assert_allclose(a["weight"].to_numpy(), b["weight"].to_numpy(), atol=2e-3)
+
+
+def test_generation_records_decode_steps_with_true_positions(tok, tmp_path):
+    model = build_tiny_model("olmoe")
+    texts = ["Once upon a time", "Hi"]
+    store = Store.open(tmp_path / "s.duckdb")
+    run = trace(model, tok, texts, store=store, options=TraceOptions(batch_size=2, max_new_tokens=6))
+    toks = run.tokens().sort(["seq_id", "pos"])
+    routing = run.routing()
+    for i, t in enumerate(texts):
+        prompt = tok(t)["input_ids"]
+        sub = toks.filter(toks["seq_id"] == i)
+        n = sub.height
+        assert sub["pos"].to_list() == list(range(n))
+        assert sub["token_id"].to_list()[: len(prompt)] == prompt
+        assert len(prompt) < n <= len(prompt) + 5  # the last generated token is never fed back
+        # teacher-forced full forward over the same tokens routes the same way as the decode steps
+        full = torch.tensor([sub["token_id"].to_list()])
+        adapter = adapt(model)
+        got = {}
+        hs = [l.experts.register_forward_pre_hook(lambda m, a, li=l.index: got.__setitem__(li, a[1]))
+              for l in adapter.moe_layers]
+        with torch.no_grad():
+            model(full)
+        for h in hs:
+            h.remove()
+        for layer in adapter.moe_layers:
+            rec = routing.filter((routing["seq_id"] == i) & (routing["layer"] == layer.index)).sort(["pos", "rank"])
+            np.testing.assert_array_equal(rec["expert"].to_numpy().reshape(n, -1), got[layer.index].numpy())
+
+
+def test_overflow_policies(tok, tmp_path):
+    model = build_tiny_model("mixtral")
+    text = "x" * 40
+    store = Store.open(tmp_path / "s.duckdb")
+    with pytest.raises(InputError, match="more than the 16"):
+        trace(model, tok, [text], store=store, options=TraceOptions(max_tokens=16))
+    chunked = trace(model, tok, [text], store=store, options=TraceOptions(max_tokens=16, overflow="chunk"))
+    n = len(tok(text)["input_ids"])
+    assert chunked.tokens()["pos"].sort().to_list() == list(range(n))
+    truncated = trace(model, tok, [text], store=store, options=TraceOptions(max_tokens=16, overflow="truncate"))
+    assert truncated.tokens().height == 16
+    assert [r.status for r in store.runs()] == ["complete", "complete"]  # the refused text created no run
+
+
+def test_expert_stats_through_the_tracer(tok, tmp_path):
+    model = build_tiny_model("qwen2_moe")
+    store = Store.open(tmp_path / "s.duckdb")
+    run = trace(model, tok, TEXTS, store=store, options=TraceOptions(batch_size=2, expert_stats=True))
+    stats = run.expert_stats()
+    routing = run.routing()
+    counts = routing.group_by(["layer", "expert"]).len()
+    merged = stats.join(counts, on=["layer", "expert"])
+    assert merged.height == counts.height
+    assert (merged["n_tokens"] == merged["len"]).all()
+    toks = run.tokens()
+    pairs = set(zip(toks["seq_id"].to_list(), toks["pos"].to_list()))
+    assert all((s, p) in pairs for s, p in zip(stats["max_out_seq"].to_list(), stats["max_out_pos"].to_list()))
+
+
+def test_sharded_run_merges_to_the_single_process_run(tok, tmp_path):
+    model = build_tiny_model("qwen3_moe")
+    texts = [f"text number {i} " * (i + 1) for i in range(5)]
+    whole = trace(model, tok, texts, store=Store.open(tmp_path / "whole.duckdb"), options=TraceOptions(batch_size=1))
+    exports = []
+    for shard in range(2):
+        st = Store.open(tmp_path / f"shard{shard}.duckdb")
+        run = trace(model, tok, texts, store=st,
+                    options=TraceOptions(batch_size=1, shard=shard, num_shards=2, run_uuid="run-abc"))
+        exports.append(st.export_run(run.info.run_id, tmp_path / f"exp{shard}"))
+    merged_store = Store.open(tmp_path / "merged.duckdb")
+    (info,) = merged_store.import_runs(*exports)
+    merged = merged_store.run(info.run_id)
+    key = ["seq_id", "pos", "layer", "rank"]
+    assert merged.routing().sort(key).drop("run_id").equals(whole.routing().sort(key).drop("run_id"))
+    assert info.status == "complete" and info.n_tokens == whole.info.n_tokens
