@@ -9,10 +9,10 @@ import os
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from routelens.errors import StoreError
@@ -21,6 +21,9 @@ from routelens.store import catalog, parquet_io
 from routelens.store.connection import not_a_store_message, session, transaction
 from routelens.store.schema import REQUIRED_TABLES, SCHEMA_VERSION, TABLES_DDL
 from routelens.store.writer import RunWriter, WriterConfig
+
+if TYPE_CHECKING:  # polars is imported where frames are made, so writing a trace never needs it
+    import polars as pl
 
 _FORMATS = ("polars", "pandas", "arrow")
 
@@ -144,7 +147,11 @@ class Store:
         with session(self.path, read_only=True) as con:
             try:
                 rel = con.sql(query, params=params)
-                return rel.pl() if rel is not None else pl.DataFrame()
+                if rel is not None:
+                    return rel.pl()
+                import polars as pl
+
+                return pl.DataFrame()
             except duckdb.Error as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise StoreError(f"query failed: {first}; queries are read-only, see the schema in "
@@ -233,6 +240,8 @@ class RunHandle:
         if table.num_rows == 0 and not self.has_logits():
             raise StoreError(f"run {self.info.run_id} has no router logits; "
                              "trace it again with router logits enabled")
+        import polars as pl
+
         index = pl.from_arrow(table.select(["seq_id", "pos"]))
         return index, decode_logits(table.column("logits"), self.info.num_experts)
 

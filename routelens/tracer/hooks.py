@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..adapters.experts import ExpertActivationStats, install_expert_stats
+from ..errors import UnsupportedModelError
 from ..records import ExpertStat, TokenBlock
 
 
@@ -44,13 +46,45 @@ class _Forward:
     ids: torch.Tensor | None = None
     pos: torch.Tensor | None = None
     valid: torch.Tensor | None = None
-    experts: dict[int, torch.Tensor] = field(default_factory=dict)
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    res_val: dict[int, torch.Tensor] = field(default_factory=dict)
-    res_ch: dict[int, torch.Tensor] = field(default_factory=dict)
+    experts: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)  # stacked at forward end
+    weights: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
+    res_val: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
+    res_ch: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
     devices: set = field(default_factory=set)
     events: list = field(default_factory=list)
+
+
+@dataclass
+class _Stacked:
+    """Per-layer tensors of one forward stacked as [L, ...] on the host, in ascending layer order."""
+
+    layers: tuple[int, ...]
+    host: torch.Tensor | list[torch.Tensor]
+
+    def numpy(self) -> np.ndarray:
+        if isinstance(self.host, list):  # layers on several devices (device_map): stacked on the host
+            return np.stack([t.numpy() for t in self.host])
+        return self.host.numpy()
+
+
+def _stack_to_host(per_layer: dict[int, torch.Tensor]) -> _Stacked:
+    layers = tuple(sorted(per_layer))
+    tensors = [per_layer[l] for l in layers]
+    if len({t.device for t in tensors}) == 1:
+        return _Stacked(layers, _to_host(torch.stack(tensors)))
+    return _Stacked(layers, [_to_host(t) for t in tensors])
+
+
+def _router_logits(output, num_experts: int) -> torch.Tensor | None:
+    """The [T, E] logits in a router's output. The v5 contract puts them first; generic routers of some
+    transformers versions order their outputs differently, so fall back to the one float [T, E] tensor."""
+    outs = output if isinstance(output, tuple) else (output,)
+    candidates = [t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2
+                  and t.shape[-1] == num_experts]
+    if outs and isinstance(outs[0], torch.Tensor) and any(outs[0] is c for c in candidates):
+        return outs[0]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _find_base_model(model: torch.nn.Module, decoder_layers: torch.nn.Module) -> torch.nn.Module:
@@ -96,6 +130,7 @@ class RoutingRecorder:
         self._rows_seen = 0
         self._current: _Forward | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=64)
+        self.yield_s = 0.005
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         # global row id -> (seq, pos) for the expert-stats argmax rows; filled by the consumer thread
@@ -163,18 +198,26 @@ class RoutingRecorder:
             if sort:  # routers with topk(sorted=False): store rank 0 = largest weight
                 w, order = w.sort(dim=-1, descending=True, stable=True)
                 idx = idx.gather(-1, order)
-            fwd.experts[layer] = _to_host(idx.detach().to(torch.int16))
-            fwd.weights[layer] = _to_host(w.detach().to(torch.float16))
+            fwd.experts[layer] = idx.detach().to(torch.int16)
+            fwd.weights[layer] = w.detach().to(torch.float16)
             fwd.devices.add(idx.device)
 
         return hook
 
     def _make_router_hook(self, layer: int):
+        num_experts = self.adapter.num_experts
+
         def hook(module, args, output):
             fwd = self._current
             if fwd is None:
                 return
-            fwd.logits[layer] = _to_host(output[0].detach().to(torch.float16))
+            logits = _router_logits(output, num_experts)
+            if logits is None:
+                raise UnsupportedModelError(
+                    f"the router of layer {layer} ({type(module).__name__}) returns no [tokens, {num_experts}] "
+                    "logits in this transformers version; trace without --logits"
+                )
+            fwd.logits[layer] = logits.detach().to(torch.float16)
 
         return hook
 
@@ -185,8 +228,8 @@ class RoutingRecorder:
                 return
             h = output[0] if isinstance(output, tuple) else output
             val, ch = h.detach().abs().max(dim=-1)
-            fwd.res_val[layer] = _to_host(val.float())
-            fwd.res_ch[layer] = _to_host(ch.to(torch.int32))
+            fwd.res_val[layer] = val.float()
+            fwd.res_ch[layer] = ch.to(torch.int32)
             fwd.devices.add(h.device)
 
         return hook
@@ -195,6 +238,12 @@ class RoutingRecorder:
         fwd, self._current = self._current, None
         if fwd is None:
             return
+        # One stacked device->host copy per kind instead of one per layer: less host work for the consumer,
+        # which shares the GIL with the thread launching the next forward.
+        for name in ("experts", "weights", "logits", "res_val", "res_ch"):
+            per_layer = getattr(fwd, name)
+            if per_layer:
+                setattr(fwd, name, _stack_to_host(per_layer))
         for dev in fwd.devices:
             if dev.type == "cuda":
                 ev = torch.cuda.Event()
@@ -212,6 +261,10 @@ class RoutingRecorder:
                 if self._error is None:
                     for ev in fwd.events:
                         ev.synchronize()
+                    if fwd.events:
+                        # The main thread wakes at the same moment (the next forward syncs on this one's end) and
+                        # must launch the next kernels now; host work here would hold the GIL and starve the GPU.
+                        time.sleep(self.yield_s)
                     block = self._assemble(fwd)
                     if block is not None:
                         self.sink(block)
@@ -234,17 +287,21 @@ class RoutingRecorder:
             self._row_map.append((fwd.row_offset, row_seq, row_pos))
         if rows.size == 0 or not fwd.experts:
             return None
-        layers = tuple(sorted(fwd.experts))
-        experts = np.stack([fwd.experts[l].numpy()[rows] for l in layers]).view(np.uint16)
-        weights = np.stack([fwd.weights[l].numpy()[rows] for l in layers])
-        logits = None
-        if fwd.logits:
-            logits = np.stack([fwd.logits[l].numpy()[rows] for l in layers])
-        res_layers = tuple(sorted(fwd.res_val))
-        res_val = res_ch = None
-        if res_layers:
-            res_val = np.stack([fwd.res_val[l].numpy().reshape(-1)[rows] for l in res_layers])
-            res_ch = np.stack([fwd.res_ch[l].numpy().reshape(-1)[rows] for l in res_layers])
+        every = rows.size == valid.size  # no padding: views, no copies
+
+        def take(stacked: _Stacked, flat_tail: int) -> np.ndarray:
+            arr = stacked.numpy()
+            arr = arr.reshape(arr.shape[0], batch * seq, *arr.shape[flat_tail:])
+            return arr if every else arr[:, rows]
+
+        layers = fwd.experts.layers
+        experts = take(fwd.experts, 2).view(np.uint16)
+        weights = take(fwd.weights, 2)
+        logits = take(fwd.logits, 2) if fwd.logits else None
+        res_layers, res_val, res_ch = (), None, None
+        if fwd.res_val:
+            res_layers = fwd.res_val.layers
+            res_val, res_ch = take(fwd.res_val, 3), take(fwd.res_ch, 3)
         return TokenBlock(
             seq_id=seq_id,
             pos=pos.astype(np.int32),
