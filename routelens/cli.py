@@ -105,7 +105,8 @@ def cmd_demo(args) -> int:
     from .tracer import TraceOptions, trace
 
     store = Store.open(args.db)
-    model, tok = build_tiny_model("qwen3_moe", num_layers=4, num_experts=16, top_k=2), byte_tokenizer()
+    model = build_tiny_model("qwen3_moe", num_layers=4, num_experts=16, top_k=2, max_position_embeddings=4096)
+    tok = byte_tokenizer()
     run = trace(model, tok, str(DEMO_INPUT), store=store, name="demo", tags=("demo",),
                 options=TraceOptions(batch_size=16, logits=True, expert_stats=True),
                 model_ref="tiny:qwen3_moe (random init, 4 layers, 16 experts, top-2)", progress=not args.json)

@@ -96,7 +96,7 @@ def _segments(records: Sequence[SequenceRecord], tokenizer, limit: int | None, o
         raise InputError(f"unknown overflow policy {overflow!r}; use one of {', '.join(OVERFLOW_POLICIES)}")
     segs: list[_Segment] = []
     for rec in records:
-        ids = tokenizer(rec.text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(rec.text, add_special_tokens=True, verbose=False)["input_ids"]  # we split long texts ourselves
         if not ids:
             where = f"line {rec.source_line}" if rec.source_line else f"text {rec.seq_id}"
             raise InputError(f"{where} tokenises to no tokens; remove it")
