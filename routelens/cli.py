@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .errors import RoutelensError
 
-DEMO_INPUT = Path(__file__).resolve().parent.parent / "data" / "corpus" / "demo.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "data"
+DEMO_INPUT = DATA / "corpus" / "demo.jsonl"
+DEMO_MODEL = DATA / "model"  # the model organism trained by scripts/train_model.py (data/model/README.md)
 
 
 def _jsonable(obj):
@@ -100,16 +102,18 @@ def cmd_import(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the embedded default: trace the shipped demo texts and summarise the routing."""
+    from transformers.utils import logging as hf_logging
+
+    from .loading import load_model
     from .store import Store
-    from .tiny import byte_tokenizer, build_tiny_model
     from .tracer import TraceOptions, trace
 
+    hf_logging.set_verbosity_error()
     store = Store.open(args.db)
-    model = build_tiny_model("qwen3_moe", num_layers=4, num_experts=16, top_k=2, max_position_embeddings=4096)
-    tok = byte_tokenizer()
+    model, tok = load_model(str(DEMO_MODEL), dtype="float32")
     run = trace(model, tok, str(DEMO_INPUT), store=store, name="demo", tags=("demo",),
                 options=TraceOptions(batch_size=16, logits=True, expert_stats=True),
-                model_ref="tiny:qwen3_moe (random init, 4 layers, 16 experts, top-2)", progress=not args.json)
+                model_ref=str(DEMO_MODEL.relative_to(DATA.parent)), progress=not args.json)
     loads = store.sql(
         "SELECT layer, expert, count(*) AS n FROM routing WHERE run_id = ? GROUP BY layer, expert "
         "QUALIFY row_number() OVER (PARTITION BY layer ORDER BY n DESC, expert) <= 3 ORDER BY layer, n DESC",
