@@ -1,6 +1,8 @@
 """Store ingest benchmark: decisions/s through RunWriter, bytes/decision on disk, dashboard query time.
 
     .venv/bin/python benchmarks/store_ingest.py [--tokens 1048576] [--skip-compare] [--workdir DIR]
+    .venv/bin/python benchmarks/store_ingest.py --logits-only [--logit-tokens 1048576] [--max-span-bytes N]
+    .venv/bin/python benchmarks/store_ingest.py --span-sweep   # router logits by longest span per row
 
 Data: 16 MoE layers x top-8 of 64 experts, sequences of 512 tokens, handed over as TokenBlocks of
 8192 tokens (float16 weights, as a bf16/fp16 model's router gives them). Routing is realistic but cheap to
@@ -12,10 +14,17 @@ does not flatter the compression figures.)
 A decision is one (token, layer, rank) entry. The ingest time runs from the first add_block call to
 finish() returning, i.e. until the data is committed and the connection closed (DuckDB checkpoints on
 close); the store file is then measured on disk.
+
+Router-logits case (``logits_benchmark``): the same 16 layers x top-8 of 64 experts, now with the raw float16
+router logits (E per token and layer) as an OLMoE-shaped tracer hands them over on a GPU: TokenBlocks of
+16,384 tokens (8 sequences x 2,048 positions, as one prefill batch). Experts and weights are the top-8 and
+softmax of those very logits. The same blocks are also ingested without logits, and the logits' bytes on
+disk are the difference between the two files.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import shutil
@@ -32,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from routelens.records import RunMeta, TokenBlock  # noqa: E402
 from routelens.store import Store, WriterConfig  # noqa: E402
+from routelens.store import encode  # noqa: E402
 from routelens.store.encode import pack_choices  # noqa: E402
 from routelens.store.schema import TABLES_DDL  # noqa: E402
 
@@ -69,6 +79,45 @@ def make_blocks(n_tokens: int, seed: int = 0) -> list[TokenBlock]:
             token_id=rng.zipf(1.3, n).clip(0, 150_000).astype(np.int32), layers=tuple(range(L)),
             experts=np.take_along_axis(pool_e, pick[..., None], 1),
             weights=np.take_along_axis(pool_w, pick[..., None], 1)))
+    return blocks
+
+
+LOGIT_BLOCK, LOGIT_SEQ = 16384, 2048
+
+
+def logit_pool(rng: np.random.Generator, pool: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[L, pool, E] float16 logits with their top-K experts and float16 softmax weights."""
+    logits = np.empty((L, pool, E), np.float16)
+    experts = np.empty((L, pool, K), np.uint16)
+    weights = np.empty((L, pool, K), np.float16)
+    for layer in range(L):
+        bias = (-1.3 * np.log1p(rng.permutation(E))).astype(np.float32)
+        lg = (bias + rng.standard_normal((pool, E), dtype=np.float32)).astype(np.float16)
+        f = lg.astype(np.float32)
+        top = np.argsort(-f, axis=-1, kind="stable")[:, :K]
+        p = np.exp(f - f.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        logits[layer], experts[layer] = lg, top
+        weights[layer] = np.take_along_axis(p, top, -1)
+    return logits, experts, weights
+
+
+def make_logit_blocks(n_tokens: int, seed: int = 7, block: int = LOGIT_BLOCK,
+                      seq_len: int = LOGIT_SEQ) -> list[TokenBlock]:
+    """Prefill-like blocks: each block holds block // seq_len whole sequences, with raw logits."""
+    rng = np.random.default_rng(seed)
+    pool_l, pool_e, pool_w = logit_pool(rng)
+    blocks = []
+    for start in range(0, n_tokens, block):
+        n = min(block, n_tokens - start)
+        g = np.arange(start, start + n)
+        pick = rng.integers(0, pool_l.shape[1], size=(L, n))
+        blocks.append(TokenBlock(
+            seq_id=(g // seq_len).astype(np.int64), pos=(g % seq_len).astype(np.int32),
+            token_id=rng.zipf(1.3, n).clip(0, 150_000).astype(np.int32), layers=tuple(range(L)),
+            experts=np.take_along_axis(pool_e, pick[..., None], 1),
+            weights=np.take_along_axis(pool_w, pick[..., None], 1),
+            logits=np.take_along_axis(pool_l, pick[..., None], 1)))
     return blocks
 
 
@@ -167,6 +216,100 @@ def main_benchmark(work: Path, n_tokens: int, repeats: int = 3) -> None:
     print(f"\n## Dashboard queries on a {r10['decisions'] / 1e6:.1f} M-decision run (store holds 2 runs)")
     print(f"- `{GROUP_BY}`: **{q10 * 1000:.0f} ms**")
     print(f"- count(*) only: {qcount * 1000:.0f} ms; top-1 only (rank = 0): {qtop1 * 1000:.0f} ms")
+
+
+def _rates(results: list[dict]) -> str:
+    return ", ".join(f"{r['rate'] / 1e6:.1f}" for r in results)
+
+
+def logits_benchmark(work: Path, n_tokens: int, repeats: int = 3) -> None:
+    span = getattr(encode, "MAX_SPAN_BYTES", None)
+    print(f"\n# MAX_SPAN_BYTES = {span}")
+    print(f"# generating {n_tokens:,} tokens x {L} layers x top-{K} of {E} experts, with float16 router logits, "
+          f"in blocks of {LOGIT_BLOCK:,} tokens ({LOGIT_BLOCK // LOGIT_SEQ} sequences x {LOGIT_SEQ:,}) ...", flush=True)
+    blocks = make_logit_blocks(n_tokens)
+    plain = [dataclasses.replace(b, logits=None) for b in blocks]
+    token_layers = n_tokens * L
+    logit_bytes = token_layers * E * 2
+    with_l, without = [], []
+    for rep in range(repeats):  # interleaved, so that both see the same neighbours on the shared box
+        for blks, out, tag in ((blocks, with_l, "logits"), (plain, without, "plain")):
+            path = work / f"{tag}{rep}.duckdb"
+            res = ingest(path, blks)
+            res["file"] = file_bytes(path)
+            out.append(res)
+            if rep + 1 < repeats:
+                path.unlink()
+    mid = lambda rs: sorted(rs, key=lambda r: r["rate"])[len(rs) // 2]  # noqa: E731
+    rl, rp = mid(with_l), mid(without)
+    d = rl["decisions"]
+    path = work / f"logits{repeats - 1}.duckdb"
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = con.sql("SELECT count(*) FROM router_logits_data").fetchall()[0][0]
+        total_blocks, free_blocks = con.sql(
+            "SELECT total_blocks, free_blocks FROM pragma_database_size()").fetchall()[0]
+    print(f"\n## Ingest with router logits ({n_tokens:,} tokens, {d:,} decisions, {token_layers:,} token-layers, "
+          f"{logit_bytes / 1e6:,.0f} MB of raw logits, {len(blocks)} blocks of {LOGIT_BLOCK:,})")
+    print(f"- with logits, median of {repeats}: {rl['seconds']:.2f} s -> **{rl['rate'] / 1e6:.1f} M decisions/s**, "
+          f"**{logit_bytes / rl['seconds'] / 1e6:.0f} MB/s of logits**, {token_layers / rl['seconds'] / 1e6:.2f} M "
+          f"token-layers/s (runs: {_rates(with_l)} M decisions/s; "
+          f"{d / rl['cpu_s'] / 1e6:.1f} M decisions per CPU-second)")
+    print(f"- same blocks without logits: {rp['seconds']:.2f} s -> {rp['rate'] / 1e6:.1f} M decisions/s "
+          f"(runs: {_rates(without)})")
+    print(f"- add_block calls returned after {rl['handover_s']:.2f} s in total (they wait while 1 GiB is queued)")
+    extra = rl["file"] - rp["file"]
+    print(f"- router_logits_data: {rows:,} rows; store file {rl['file'] / 2**20:,.0f} MiB with logits vs "
+          f"{rp['file'] / 2**20:,.0f} MiB without -> logits take **{extra / token_layers:.1f} bytes per token-layer** "
+          f"on disk (raw: {2 * E}); {free_blocks:,} of the file's {total_blocks:,} blocks are free")
+    run_id = with_l[-1]["run_id"]
+    store = Store.open(path, read_only=True)
+    t0 = time.perf_counter()
+    index, values = store.run(run_id).logits(L // 2)
+    t_read = time.perf_counter() - t0
+    assert values.shape == (n_tokens, E) and len(index) == n_tokens
+    t_view = time_query(path, "SELECT count(*), sum(octet_length(logits)) FROM router_logits WHERE run_id = ? "
+                              f"AND layer = {L // 2}", [run_id], repeat=3)
+    print(f"- RunHandle.logits(layer) for one layer ({n_tokens:,} x {E}): {t_read:.2f} s; "
+          f"count(*) and octet_length over the `router_logits` view, one layer: {t_view:.2f} s")
+
+
+def span_sweep(work: Path, n_tokens: int, rounds: int = 2) -> None:
+    """Router-logits ingest by the longest span a row may hold (encode.MAX_SPAN_BYTES) and flush pattern."""
+    blocks = make_logit_blocks(n_tokens, seed=8)
+    token_layers = n_tokens * L
+    gpu_like = WriterConfig(flush_decisions=5 * LOGIT_BLOCK * L * K)  # ~1 s of an H100 tracing OLMoE
+    caps = {2 * E: "1 token (a row per token)", 1024: "1 KiB (8 tokens)", 4096: "4 KiB (32 tokens)",
+            16384: "16 KiB (128 tokens)", 0: f"whole spans ({LOGIT_SEQ:,} tokens, 256 KiB)"}
+    saved = encode.MAX_SPAN_BYTES
+    results: dict[tuple[int, str], list[dict]] = {}
+    try:
+        for _ in range(rounds):  # interleaved rounds: the box is shared
+            for cap in caps:
+                for flush, cfg in (("bulk", None), ("gpu", gpu_like)):
+                    encode.MAX_SPAN_BYTES = cap
+                    path = work / "span.duckdb"
+                    for f in (path, Path(str(path) + ".wal")):
+                        f.unlink(missing_ok=True)
+                    res = ingest(path, blocks, cfg)
+                    with duckdb.connect(str(path), read_only=True) as con:
+                        res["rows"] = con.sql("SELECT count(*) FROM router_logits_data").fetchall()[0][0]
+                        res["free"] = con.sql("SELECT free_blocks FROM pragma_database_size()").fetchall()[0][0]
+                    res["file"] = file_bytes(path)
+                    res["view"] = time_query(path, "SELECT count(*), sum(octet_length(logits)) FROM router_logits "
+                                                   "WHERE run_id = ? AND layer = 0", [res["run_id"]], repeat=1)
+                    results.setdefault((cap, flush), []).append(res)
+    finally:
+        encode.MAX_SPAN_BYTES = saved
+    print(f"\n## Router logits: longest span per row ({n_tokens:,} tokens, {L} layers x {E} experts; "
+          f"bulk = default WriterConfig, gpu = a flush every 5 blocks = {5 * LOGIT_BLOCK:,} tokens)")
+    print("| MAX_SPAN_BYTES | rows | M decisions/s bulk | M decisions/s gpu | store bytes per token-layer (bulk / gpu) "
+          "| free blocks (bulk / gpu) | `router_logits` view, count one layer |")
+    print("|---|---|---|---|---|---|---|")
+    for cap, label in caps.items():
+        b, g = results[(cap, "bulk")], results[(cap, "gpu")]
+        print(f"| {cap} = {label} | {b[-1]['rows']:,} | {_rates(b)} | {_rates(g)} | "
+              f"{b[-1]['file'] / token_layers:.1f} / {g[-1]['file'] / token_layers:.1f} | "
+              f"{b[-1]['free']:,} / {g[-1]['free']:,} | {min(r['view'] for r in b):.2f} s |", flush=True)
 
 
 def flush_sensitivity(work: Path, n_tokens: int) -> None:
@@ -280,13 +423,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1 << 20)
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--logit-tokens", type=int, default=1 << 20, help="0: skip the router-logits case")
+    ap.add_argument("--logits-only", action="store_true", help="run only the router-logits case")
+    ap.add_argument("--logit-repeats", type=int, default=3)
+    ap.add_argument("--span-sweep", action="store_true", help="only the router-logits span-size sweep")
+    ap.add_argument("--max-span-bytes", type=int, default=None,
+                    help="override routelens.store.encode.MAX_SPAN_BYTES (0: spans are never cut)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="routelens-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"# routelens store ingest benchmark: duckdb {duckdb.__version__}, numpy {np.__version__}, "
           f"pyarrow {pa.__version__}, {os.cpu_count()} CPUs")
     try:
+        if args.max_span_bytes is not None:
+            encode.MAX_SPAN_BYTES = args.max_span_bytes
+        if args.span_sweep:
+            span_sweep(work, args.logit_tokens // 2)
+            return
+        if args.logits_only:
+            logits_benchmark(work, args.logit_tokens, args.logit_repeats)
+            return
         main_benchmark(work, args.tokens)
+        if args.logit_tokens:
+            logits_benchmark(work, args.logit_tokens, args.logit_repeats)
         if not args.skip_compare:
             flush_sensitivity(work, 262144)
             compare_layouts(work, 262144)

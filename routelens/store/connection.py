@@ -71,6 +71,13 @@ def connect(path: str | os.PathLike, read_only: bool, *, timeout: float | None =
         else:
             # A library must not draw DuckDB's progress bar on the user's terminal (exports, imports).
             con.sql("SET enable_progress_bar = false")
+            if not read_only:
+                # Every close checkpoints, and by default a checkpoint "vacuums": it merges partly filled
+                # row groups (each writer flush leaves one per table) by rewriting them. For the router
+                # logits BLOBs that rewrote up to ~0.5 GB per flush, and at finish() most of the run,
+                # leaving the old blocks free in the file (1.8x its size). The store never deletes rows
+                # in bulk, so vacuuming has nothing else to reclaim. benchmarks/results/store_ingest.md
+                con.sql("SET max_vacuum_tasks = 0")
             return con
         # Jitter keeps several waiting readers from retrying in lockstep with the writer.
         time.sleep(wait * random.uniform(0.5, 1.5))

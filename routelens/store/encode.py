@@ -25,7 +25,7 @@ class EncodedBatch:
 
     routing: pa.Table | None  # layer, seq_id, pos, choices (fixed-size list of packed uint32)
     tokens: pa.Table | None  # seq_id, pos, token_id, generated
-    logits: pa.Table | None  # layer, seq_id, pos, logits (fixed-size binary, E x '<f2')
+    logits: pa.Table | None  # layer, seq_id, pos_start, n, logits (large binary, n x E x '<f2')
     residual: pa.Table | None  # seq_id, pos, layer, value, channel
     n_tokens: int
     n_decisions: int
@@ -108,6 +108,96 @@ def routing_table(layer: np.ndarray, seq_id: np.ndarray, pos: np.ndarray, choice
     })
 
 
+# Longest span stored in one router_logits_data row, in bytes of logits (n x E x 2): a span is cut
+# after MAX_SPAN_BYTES // (2E) tokens (at least one), 0 = never cut. Measured with the RunWriter
+# (benchmarks/results/store_ingest.md, "Router logits"): DuckDB's INSERT costs per byte, hardly per
+# row, and BLOBs of a few KiB and more ingest slower (whole 2,048-token spans: 256 KiB BLOBs, about
+# half the rate) and make the router_logits view slow (slicing a big BLOB per token). 1 KiB rows were
+# as fast as any and 2 % smaller on disk than a row per token.
+MAX_SPAN_BYTES = 1024
+
+
+def logit_spans(seq_id: np.ndarray, pos: np.ndarray, max_tokens: int = 0
+                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Split one block's rows into spans: maximal runs of consecutive positions of one sequence.
+
+    Returns ``(order, starts, lengths)``: ``order`` is None when the rows are already grouped by
+    sequence with ascending positions, else the permutation sorting them by (seq_id, pos) (stable, so
+    duplicate rows keep their order); ``starts``/``lengths`` index the rows in that order. A span is
+    also cut every ``max_tokens`` rows when ``max_tokens`` > 0.
+    """
+    n = int(seq_id.shape[0])
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return None, empty, empty
+    same = seq_id[1:] == seq_id[:-1]
+    order = None
+    if not (np.all(pos[1:][same] > pos[:-1][same]) and _groups_unique(seq_id, same)):
+        order = np.lexsort((pos, seq_id))
+        seq_id, pos = seq_id[order], pos[order]
+        same = seq_id[1:] == seq_id[:-1]
+    cut = np.empty(n, bool)
+    cut[0] = True
+    np.logical_or(~same, pos[1:] != pos[:-1] + 1, out=cut[1:])
+    starts = np.flatnonzero(cut)
+    lengths = np.diff(starts, append=n)
+    if max_tokens > 0 and int(lengths.max()) > max_tokens:
+        pieces = -(-lengths // max_tokens)
+        which = np.repeat(np.arange(len(starts)), pieces)
+        k = np.arange(len(which)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts = starts[which] + k * max_tokens
+        lengths = np.minimum(lengths[which] - k * max_tokens, max_tokens)
+    return order, starts, lengths
+
+
+def _groups_unique(seq_id: np.ndarray, same: np.ndarray) -> bool:
+    """Each sequence's rows form one contiguous group."""
+    heads = seq_id[np.flatnonzero(np.concatenate(([True], ~same)))]
+    return len(heads) == 1 or len(np.unique(heads)) == len(heads)
+
+
+def logits_table(layers: tuple[int, ...], blocks: list[TokenBlock], max_span_bytes: int | None = None
+                 ) -> pa.Table | None:
+    """router_logits_data rows for the blocks' logits: one per (layer, span); block by block, layer-major.
+
+    A span's BLOB is the contiguous slice ``logits[l, start:start + n, :]`` of its block (rows sorted by
+    (seq_id, pos) first where they are not), so each block becomes one Arrow record batch whose LargeBinary
+    offsets point into the block's own [L, N, E] '<f2' buffer: no copy of the logits on this side
+    (a fresh 512 MB buffer per flush cost more in page faults than the INSERT of the BLOBs).
+    """
+    if not blocks:
+        return None
+    width = 2 * int(blocks[0].logits.shape[-1])
+    limit = MAX_SPAN_BYTES if max_span_bytes is None else max_span_bytes
+    cap = max(1, limit // width) if limit > 0 else 0  # tokens per row at most; 0: whole spans
+    n_layers = len(layers)
+    layer_ids = np.asarray(layers, np.int16)
+    batches = []
+    for b in blocks:
+        seq = np.asarray(b.seq_id, np.int64)
+        pos = np.asarray(b.pos, np.int32)
+        order, starts, lengths = logit_spans(seq, pos, cap)
+        if order is None:
+            arr = np.ascontiguousarray(b.logits, dtype=np.dtype("<f2"))
+        else:
+            seq, pos = seq[order], pos[order]
+            arr = np.ascontiguousarray(np.take(b.logits, order, axis=1), dtype=np.dtype("<f2"))
+        n, n_spans = b.n_tokens, len(starts)
+        offsets = np.empty(n_layers * n_spans + 1, np.int64)
+        np.multiply(np.add.outer(np.arange(n_layers, dtype=np.int64) * n, starts).reshape(-1), width,
+                    out=offsets[:-1])
+        offsets[-1] = n_layers * n * width
+        batches.append(pa.record_batch({
+            "layer": pa.array(np.repeat(layer_ids, n_spans)),
+            "seq_id": pa.array(np.tile(seq[starts], n_layers)),
+            "pos_start": pa.array(np.tile(pos[starts], n_layers)),
+            "n": pa.array(np.tile(lengths.astype(np.int32), n_layers)),
+            "logits": pa.LargeBinaryArray.from_buffers(pa.large_binary(), n_layers * n_spans,
+                                                       [None, pa.py_buffer(offsets), pa.py_buffer(arr)]),
+        }))
+    return pa.Table.from_batches(batches)
+
+
 def _concat(arrays: list[np.ndarray], axis: int, dtype) -> np.ndarray:
     if len(arrays) == 1:
         return np.ascontiguousarray(arrays[0], dtype=dtype)
@@ -127,20 +217,7 @@ def _encode_group(blocks: list[TokenBlock], layers: tuple[int, ...]) -> tuple[pa
         offset += b.n_tokens
     routing = routing_table(np.repeat(np.asarray(layers, np.int16), n), np.tile(seq, n_layers),
                             np.tile(pos, n_layers), choices)
-    logits = None
-    with_logits = [b for b in blocks if b.logits is not None]
-    if with_logits:
-        lseq = _concat([b.seq_id for b in with_logits], 0, np.int64)
-        lpos = _concat([b.pos for b in with_logits], 0, np.int32)
-        arr = _concat([b.logits for b in with_logits], 1, np.dtype("<f2"))
-        n_l, e = lseq.shape[0], arr.shape[-1]
-        logits = pa.table({
-            "layer": pa.array(np.repeat(np.asarray(layers, np.int16), n_l)),
-            "seq_id": pa.array(np.tile(lseq, n_layers)),
-            "pos": pa.array(np.tile(lpos, n_layers)),
-            "logits": pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * e), n_layers * n_l,
-                                                           [None, pa.py_buffer(arr)]),
-        })
+    logits = logits_table(layers, [b for b in blocks if b.logits is not None])
     return routing, logits
 
 

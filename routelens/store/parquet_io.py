@@ -8,7 +8,9 @@ Layout of one exported run (hive-style, readable by DuckDB, Spark, Ray Data, pya
     DIR/run_uuid=<uuid>/tokens/<part>.parquet              seq_id, pos, token_id, token (text), generated
     DIR/run_uuid=<uuid>/vocab/<part>.parquet               token_id, token
     DIR/run_uuid=<uuid>/routing/layer=<L>/<part>.parquet   tidy: seq_id, pos, rank, expert, weight (FLOAT)
-    DIR/run_uuid=<uuid>/logits/layer=<L>/<part>.parquet    seq_id, pos, logits (BLOB, E x '<f2')
+    DIR/run_uuid=<uuid>/logits/layer=<L>/<part>.parquet    seq_id, pos, logits (BLOB, E x '<f2'): one row per
+                                                           token, as in the router_logits view (the store keeps
+                                                           spans of positions; import rebuilds them)
     DIR/run_uuid=<uuid>/residual/<part>.parquet
     DIR/run_uuid=<uuid>/expert_stats/<part>.parquet
 
@@ -28,12 +30,13 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from routelens.errors import StoreError
-from routelens.records import RunInfo
+from routelens.records import RunInfo, TokenBlock
 from routelens.store import catalog
 from routelens.store.connection import session, transaction
-from routelens.store.encode import pack_choices, routing_table
+from routelens.store.encode import logits_table, pack_choices, routing_table
 from routelens.store.schema import RUN_COLUMNS, SCHEMA_VERSION
 from routelens.store.writer import insert_arrow, insert_vocab
 
@@ -94,7 +97,8 @@ def export_run(db_path: Path, info: RunInfo, directory: Path) -> Path:
                       f"WHERE run_id = {rid} AND layer = {layer} ORDER BY seq_id, pos, rank",
                  f"routing/layer={layer}/{part}.parquet")
         for layer in _layers(con, "router_logits_data", rid):
-            copy(con, "SELECT seq_id, pos, logits FROM router_logits_data "
+            # one row per token, cut from the stored spans by the router_logits view
+            copy(con, "SELECT seq_id, pos, logits FROM router_logits "
                       f"WHERE run_id = {rid} AND layer = {layer} ORDER BY seq_id, pos",
                  f"logits/layer={layer}/{part}.parquet")
         shards_complete = con.sql(f"SELECT shards_complete FROM runs WHERE run_id = {rid}").fetchall()[0][0]
@@ -247,6 +251,35 @@ def _import_routing(con: duckdb.DuckDBPyConnection, run_id: int, part: _Part, to
         insert_arrow(con, "routing_data", run_id, table)
 
 
+def _import_logits(con: duckdb.DuckDBPyConnection, run_id: int, part: _Part, num_experts: int) -> None:
+    """Per-token logits files -> router_logits_data spans (consecutive positions), a batch of rows at a time."""
+    width = 2 * num_experts
+    for layer, f in sorted(part.layer_files("logits").items()):
+        reader = con.sql(f"SELECT seq_id, pos, logits FROM read_parquet({_q(f)}, hive_partitioning = false) "
+                         "ORDER BY seq_id, pos").to_arrow_reader(1 << 20)
+        tables = []
+        for batch in reader:  # each batch's BLOBs lie back to back in one buffer: spans are slices of it
+            blobs = batch.column(2)
+            if len(blobs) == 0:
+                continue
+            offset_type = np.int64 if pa.types.is_large_binary(blobs.type) else np.int32
+            offsets = np.frombuffer(blobs.buffers()[1], offset_type)[blobs.offset: blobs.offset + len(blobs) + 1]
+            if blobs.null_count or not np.all(np.diff(offsets) == width):
+                raise StoreError(f"export file {f} holds logits that are not {num_experts} float16 values per "
+                                 "token; export the run again")
+            data = np.frombuffer(blobs.buffers()[2], np.uint8, count=int(offsets[-1] - offsets[0]),
+                                 offset=int(offsets[0]))
+            block = TokenBlock(seq_id=batch.column(0).to_numpy().astype(np.int64),
+                               pos=batch.column(1).to_numpy().astype(np.int32), token_id=np.zeros(0, np.int32),
+                               layers=(layer,), experts=np.zeros((1, 0, 0), np.uint16),
+                               weights=np.zeros((1, 0, 0), np.float16),
+                               logits=data.view("<f2").reshape(1, len(blobs), num_experts))
+            tables.append(logits_table((layer,), [block]))
+        # inserted after the reader is done: the connection runs one statement at a time
+        for table in tables:
+            insert_arrow(con, "router_logits_data", run_id, table)
+
+
 def _merge_expert_stats(con: duckdb.DuckDBPyConnection, run_id: int) -> None:
     """Shards profile disjoint tokens: sum the counts, keep the largest extreme and its location."""
     dup = con.sql(f"SELECT count(*) > count(DISTINCT (layer, expert)) FROM expert_stats WHERE run_id = {run_id}"
@@ -282,9 +315,7 @@ def _import_run(con: duckdb.DuckDBPyConnection, uuid: str, parts: list[_Part]) -
             insert_vocab(con, run_id, con.sql(f"SELECT token_id, token FROM read_parquet({_q(vocab)}, "
                                               "hive_partitioning = false)").to_arrow_table())
         _import_routing(con, run_id, p, info.top_k)
-        for layer, f in sorted(p.layer_files("logits").items()):
-            con.sql(f"INSERT INTO router_logits_data BY NAME SELECT {run_id} AS run_id, {layer}::SMALLINT AS layer, "
-                    f"seq_id, pos, logits FROM read_parquet({_q(f)}, hive_partitioning = false)")
+        _import_logits(con, run_id, p, info.num_experts)
     # Rows from the exports plus any already stored for this run_uuid: a seq_id twice means overlap.
     twice = con.sql(f"""SELECT seq_id FROM (
                            SELECT seq_id FROM sequences WHERE run_id = {run_id} GROUP BY seq_id HAVING count(*) > 1

@@ -54,9 +54,19 @@ Tables
     experts list plus a weights list makes ingest ~1.7x faster. Measured sizes and speeds:
     benchmarks/results/store_ingest.md.
 
-``router_logits_data`` — raw router logits, only when the run was traced with logits.
-    ``run_id``, ``layer``, ``seq_id``, ``pos``, ``logits`` BLOB: ``num_experts`` little-endian float16
-    values (2 bytes each, expert order), i.e. ``numpy.frombuffer(blob, '<f2')``.
+``router_logits_data`` — raw router logits, only when the run was traced with logits; read them through
+    ``RunHandle.logits(layer)`` or the ``router_logits`` view. One row per *span*: a run of consecutive
+    positions of one sequence within one TokenBlock (a prefill gives one span per sequence, a decode step
+    one single-token span per sequence, a chunked text one span per chunk; a gap in the positions starts
+    a new span). ``run_id``, ``layer``, ``seq_id``, ``pos_start`` INTEGER (position of the span's first
+    token), ``n`` INTEGER (tokens in the span), ``logits`` BLOB: ``n x num_experts`` little-endian float16
+    values, token-major (the row of token ``pos_start + i`` is bytes ``[2Ei, 2E(i+1))``), i.e.
+    ``numpy.frombuffer(blob, '<f2').reshape(n, num_experts)``. A span is also cut after
+    ``MAX_SPAN_BYTES`` (routelens/store/encode.py: 1 KiB, i.e. 8 tokens at 64 experts), because big BLOBs
+    ingest slower in DuckDB and make the view slow; a reader must not assume spans are maximal (an
+    import rebuilds the longest spans allowed). The BLOB column is stored uncompressed: float16 logits
+    barely compress, and DuckDB's attempt (dictionary/FSST analysis) took most of the ingest time.
+    Measurements: benchmarks/results/store_ingest.md ("Router logits").
 
 ``residual_max`` — activation outliers of the residual stream, when measured.
     ``run_id``, ``seq_id``, ``pos``, ``layer``, ``value`` FLOAT (max |h| over the channels of the
@@ -77,7 +87,9 @@ Views
 decision, ``weight`` FLOAT (float16-rounded, see above). Filter on ``run_id`` and ``layer`` first;
 both are pushed into the scan of ``routing_data``.
 
-``router_logits(run_id, seq_id, pos, layer, logits)`` over ``router_logits_data``.
+``router_logits(run_id, seq_id, pos, layer, logits)`` — one row per (token, layer): the spans of
+``router_logits_data`` cut into ``2 * num_experts``-byte BLOBs (``num_experts`` from ``runs``). Filter on
+``run_id`` and ``layer``; both are pushed into the scan of ``router_logits_data``.
 
 Macro
 -----
@@ -173,8 +185,9 @@ CREATE TABLE router_logits_data (
     run_id INTEGER NOT NULL,
     layer SMALLINT NOT NULL,
     seq_id BIGINT NOT NULL,
-    pos INTEGER NOT NULL,
-    logits BLOB NOT NULL
+    pos_start INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    logits BLOB NOT NULL USING COMPRESSION uncompressed
 );
 
 CREATE TABLE residual_max (
@@ -219,7 +232,11 @@ FROM (
 );
 
 CREATE VIEW router_logits AS
-SELECT run_id, seq_id, pos, layer, logits FROM router_logits_data;
+SELECT run_id, seq_id, (pos_start + i)::INTEGER AS pos, layer, logits[i * w + 1:(i + 1) * w] AS logits
+FROM (
+    SELECT d.run_id, d.seq_id, d.pos_start, d.layer, d.logits, 2 * r.num_experts AS w, unnest(range(d.n)) AS i
+    FROM router_logits_data AS d JOIN runs AS r ON r.run_id = d.run_id
+);
 """
 
 # Columns of `runs` in table order; the catalog module maps them to and from RunInfo.

@@ -232,34 +232,54 @@ class RunHandle:
                            "WHERE run_id = $run ORDER BY seq_id, pos, layer", as_)
 
     def logits(self, layer: int) -> tuple[pl.DataFrame, np.ndarray]:
-        """Raw router logits of one MoE layer: (frame of seq_id, pos) and float16 [N, num_experts]."""
+        """Raw router logits of one MoE layer: (frame of seq_id, pos) and float16 [N, num_experts].
+
+        Rows are ordered by seq_id, pos. Reads the spans of ``router_logits_data`` and cuts them with
+        numpy (not through the per-token ``router_logits`` view).
+        """
         (layer,) = self._layers(layer)
-        table: pa.Table = self._query(
-            "SELECT seq_id, pos, logits FROM router_logits_data "
-            f"WHERE run_id = $run AND layer = {layer} ORDER BY seq_id, pos", "arrow")
+        self.store._check()
+        with session(self.store.path, read_only=True) as con:
+            con.sql("SET arrow_large_buffer_size = true")  # a layer's BLOBs may pass 2 GiB
+            table: pa.Table = con.sql(
+                "SELECT seq_id, pos_start, n, logits FROM router_logits_data "
+                "WHERE run_id = $run AND layer = $layer ORDER BY seq_id, pos_start",
+                params={"run": self.info.run_id, "layer": layer}).to_arrow_table()
         if table.num_rows == 0 and not self.has_logits():
             raise StoreError(f"run {self.info.run_id} has no router logits; "
                              "trace it again with router logits enabled")
         import polars as pl
 
-        index = pl.from_arrow(table.select(["seq_id", "pos"]))
-        return index, decode_logits(table.column("logits"), self.info.num_experts)
+        seq, pos, values = decode_logit_spans(table, self.info.num_experts)
+        return pl.DataFrame({"seq_id": seq, "pos": pos}), values
 
     def has_logits(self) -> bool:
         return bool(self._query("SELECT count(*) > 0 AS x FROM (SELECT 1 FROM router_logits_data "
                                 "WHERE run_id = $run LIMIT 1)", "arrow").column("x")[0].as_py())
 
 
-def decode_logits(column: pa.ChunkedArray, num_experts: int) -> np.ndarray:
-    """BLOB column of E little-endian float16 per row -> float16 [rows, E], one copy."""
+def decode_logit_spans(table: pa.Table, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spans (seq_id, pos_start, n, logits BLOB of n x E '<f2') -> per-token seq_id int64 [N],
+    pos int32 [N] and float16 [N, E], in the table's row order; one copy of the logits."""
     width = 2 * num_experts
-    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if len(arr) == 0:
-        return np.zeros((0, num_experts), np.float16)
-    offset_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], offset_type)[arr.offset: arr.offset + len(arr) + 1]
-    if not np.all(np.diff(offsets) == width):
-        raise StoreError(f"router logits rows are not {num_experts} float16 values each; "
-                         "the store is damaged, re-trace the run")
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-    return data.view("<f2").reshape(len(arr), num_experts).astype(np.float16, copy=True)
+    n = table.column("n").to_numpy().astype(np.int64)
+    total = int(n.sum())
+    out = np.empty(total * width, np.uint8)
+    at = row = 0
+    for chunk in table.column("logits").chunks:  # a chunk's BLOBs lie back to back in one buffer
+        k = len(chunk)
+        if k == 0:
+            continue
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], offset_type)[chunk.offset: chunk.offset + k + 1]
+        if not np.array_equal(np.diff(offsets), n[row:row + k] * width):
+            raise StoreError(f"router logits spans do not hold n x {num_experts} float16 values each; "
+                             "the store is damaged, re-trace the run")
+        size = int(offsets[-1] - offsets[0])
+        out[at:at + size] = np.frombuffer(chunk.buffers()[2], np.uint8, count=size, offset=int(offsets[0]))
+        at, row = at + size, row + k
+    seq = np.repeat(table.column("seq_id").to_numpy().astype(np.int64), n)
+    first = np.cumsum(n) - n  # index of each span's first token
+    pos = (np.arange(total, dtype=np.int64)
+           + np.repeat(table.column("pos_start").to_numpy().astype(np.int64) - first, n)).astype(np.int32)
+    return seq, pos, out.view("<f2").reshape(total, num_experts).astype(np.float16, copy=False)
