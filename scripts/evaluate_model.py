@@ -6,7 +6,8 @@
 Runs on CUDA when available (``--device``), else CPU. Needs only torch, transformers, tokenizers, numpy (not
 routelens: routing is read with plain forward hooks on every layer's ``mlp.gate``, whose v5 router returns
 ``(logits, weights, indices)``). The model is loaded with ``from_pretrained(..., dtype=float32)`` (the weights are
-stored in bf16) and run in float32 with the ``eager`` experts implementation (the reference loop).
+stored in bf16) and run in float32, with the ``eager`` experts implementation (the reference loop) on CUDA and
+``grouped_mm`` (same math, much faster) on CPU.
 
 Metrics (all on ``data/corpus/*.heldout.jsonl.gz``; the train splits are read only for unigram counts):
 
@@ -412,13 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reasoning-n", type=int, default=200, help="questions for the exact-match accuracy")
     ap.add_argument("--gen-batch-size", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=320, help="for the reasoning accuracy")
-    ap.add_argument("--experts-impl", default="eager", choices=["eager", "grouped_mm", "batched_mm"])
+    ap.add_argument("--experts-impl", default="auto", choices=["auto", "eager", "grouped_mm", "batched_mm"],
+                    help="auto: eager (the reference loop) on CUDA, grouped_mm on CPU (same math, much faster there)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     device = device_of(args.device)
+    if args.experts_impl == "auto":
+        args.experts_impl = "eager" if device.type == "cuda" else "grouped_mm"
     corpus = Path(args.corpus)
     from transformers import AutoTokenizer
 
@@ -502,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                    "moe_intermediate_size": config.moe_intermediate_size, "vocab_size": V},
         "params": sum(p.numel() for p in model.parameters()),
         "safetensors_bytes": sum(p.stat().st_size for p in st),
-        "device": str(device),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "experts_impl": args.experts_impl,
         "heldout": heldout,
         "unigram": {"train_tokens": int(counts.sum()), "smoothing": "add-one over the vocabulary",
                     "train_items_per_group_limit": limit,

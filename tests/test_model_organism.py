@@ -178,6 +178,47 @@ def test_packing_keeps_items_whole():
     assert got == sorted(tuple(x) for x in items)
 
 
+def test_router_losses_measure_balance():
+    import torch
+
+    train_model = _load_script("train_model")
+    E, k, T = 8, 2, 12
+    ids = torch.full((1, T), 7)
+    uniform = [torch.zeros(T, E)]
+    bal, z, maxload = train_model.router_losses(uniform, ids, k)
+    assert float(bal) == pytest.approx(1.0) and float(z) == pytest.approx(float(torch.log(torch.tensor(8.0))) ** 2)
+    skewed = torch.full((T, E), -30.0)
+    skewed[:, :2] = 0.0  # every token picks experts 0 and 1
+    bal, _, maxload = train_model.router_losses([torch.zeros(T, E), skewed], ids, k)
+    assert float(maxload) == pytest.approx(E / 2)  # 50 % of the assignments on one expert, x E
+    assert float(bal) == pytest.approx((1.0 + E / 2) / 2, rel=1e-4)  # mean of the two layers
+    ids[0, -4:] = train_model.PAD_ID  # padding does not count
+    _, _, maxload = train_model.router_losses([skewed], ids, k)
+    assert float(maxload) == pytest.approx(E / 2)
+
+
+def test_bf16_grouped_experts_match_eager():
+    import torch
+    import torch.nn.functional as F
+
+    train_model = _load_script("train_model")
+    if getattr(F, "grouped_mm", None) is None and getattr(torch, "_grouped_mm", None) is None:
+        pytest.skip("no grouped_mm in this torch")
+    from dataclasses import replace
+
+    arch = replace(train_model.SMOKE_ARCH, moe_intermediate_size=16)
+    model = train_model.build_model(train_model.make_config(arch), 0)
+    ids = torch.randint(5, 6000, (2, 16))
+    model.set_experts_implementation("eager")
+    ref = model(input_ids=ids).logits
+    try:
+        train_model.set_experts_impl(model, train_model.BF16_EXPERTS)
+        got = model(input_ids=ids).logits
+    except (RuntimeError, NotImplementedError) as exc:  # no bf16 grouped_mm kernel on this CPU build
+        pytest.skip(f"bf16 grouped_mm unavailable here: {exc}")
+    assert torch.allclose(got, ref, atol=5e-2, rtol=0)  # bf16 GEMMs vs fp32 reference
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the trained model, once its weights are in data/model
 
