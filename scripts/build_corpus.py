@@ -504,15 +504,7 @@ def make_demo(held: list[dict], rheld: list[dict]) -> list[dict]:
     return demo
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """One JSON object per line; `.gz` paths are gzip-compressed with mtime 0 so rebuilds are byte-identical
-    (the big splits are stored compressed to keep the repository, and what travels with it, small)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    if path.suffix == ".gz":
-        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
+write_jsonl = make_reasoning.write_jsonl  # one writer for every corpus file (gzip with mtime 0 for .gz)
 
 
 def build(out: Path, cache: Path, fetch_ok: bool) -> dict:
