@@ -62,15 +62,15 @@ def cmd_trace(args) -> int:
 
     from .tracer.inputs import read_inputs
 
-    read_inputs(args.input)  # validate the input before paying for a model load
+    records = read_inputs(args.input)  # read (and validate) once, before paying for a model load
     store = Store.open(args.db)
     model, tokenizer = _load(args)
     opts = TraceOptions(batch_size=args.batch_size, max_tokens=args.max_tokens, overflow=args.overflow,
                         logits=args.logits, expert_stats=args.expert_stats, residual=not args.no_residual,
                         max_new_tokens=args.max_new_tokens, shard=args.shard, num_shards=args.num_shards,
                         run_uuid=args.run_uuid)
-    run = trace(model, tokenizer, args.input, store=store, name=args.name, tags=args.tag or (), options=opts,
-                model_ref=args.model, progress=not args.json and not args.no_progress)
+    run = trace(model, tokenizer, records, store=store, name=args.name, tags=args.tag or (), options=opts,
+                model_ref=args.model, input_source=str(args.input), progress=not args.json and not args.no_progress)
     _emit(args, run.info, _run_line(run.info))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 
 from .._compat import check_transformers
 from ..adapters import adapt
@@ -29,7 +30,7 @@ class Recording:
 
     recorder: RoutingRecorder
     run: object | None = None
-    _tokens: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    _blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # seq, pos, token
 
     def set_sequences(self, seq_ids, pos_offset=None) -> None:
         self.recorder.set_sequences(seq_ids, pos_offset)
@@ -54,8 +55,8 @@ def recording(model, store, *, tokenizer=None, name: str | None = None, tags=(),
     handle: Recording | None = None
 
     def sink(block: TokenBlock) -> None:
-        for s, p, t in zip(block.seq_id.tolist(), block.pos.tolist(), block.token_id.tolist()):
-            handle._tokens.setdefault(s, []).append((p, t))
+        # keep arrays, not per-token Python objects: this runs on the consumer thread, beside the forward
+        handle._blocks.append((block.seq_id, block.pos, block.token_id))
         writer.add_block(block)
 
     with writer:
@@ -67,12 +68,16 @@ def recording(model, store, *, tokenizer=None, name: str | None = None, tags=(),
             writer.add_expert_stats(rec.expert_stats())
         seqs = []
         seen: set[int] = set()
-        for seq_id, toks in sorted(handle._tokens.items()):
-            toks.sort()
-            ids = [t for _, t in toks]
-            seen.update(ids)
-            text = tokenizer.decode(ids) if tokenizer is not None else ""
-            seqs.append(SequenceRecord(seq_id=seq_id, text=text, n_tokens=len(ids)))
+        if handle._blocks:
+            seq, pos, tok = (np.concatenate(cols) for cols in zip(*handle._blocks))
+            order = np.lexsort((pos, seq))
+            seq, tok = seq[order], tok[order]
+            starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+            for seq_id, ids in zip(seq[starts].tolist(), np.split(tok, starts[1:])):
+                ids = ids.tolist()
+                text = tokenizer.decode(ids) if tokenizer is not None else ""
+                seqs.append(SequenceRecord(seq_id=seq_id, text=text, n_tokens=len(ids)))
+            seen = set(np.unique(tok).tolist())
         writer.add_sequences(seqs)
         if tokenizer is not None:
             writer.add_vocabulary(token_texts(tokenizer, seen))
