@@ -128,6 +128,73 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _analysis_parser(name: str) -> argparse.ArgumentParser:
+    """`routelens analyze NAME`: common options plus one option per field of the analysis' parameters."""
+    import typing
+
+    from routelens.analyses import get
+
+    analysis = get(name)
+    p = argparse.ArgumentParser(prog=f"routelens analyze {name}", description=analysis.summary)
+    p.add_argument("--db", required=True, help="store file")
+    runs_help = "run id, name or uuid" + ("" if analysis.max_runs == 1 else f" (repeat: {analysis.min_runs}-"
+                                                                             f"{analysis.max_runs} runs)")
+    p.add_argument("--run", action="append", required=True, help=runs_help)
+    p.add_argument("--no-save", action="store_true", help="print without storing the result")
+    p.add_argument("--json", action="store_true", help="print the result rows as a JSON list of objects")
+    hints = typing.get_type_hints(analysis.params)
+    for f in dataclasses.fields(analysis.params):
+        hint = hints[f.name]
+        opt = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_ = f"{f.metadata.get('help', '')} (default: {shown})".strip()
+        if hint is bool:
+            p.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(opt, dest=f.name, default=None, help=help_, metavar=f.name.upper())
+    p.set_defaults(func=cmd_analyze, analysis=name)
+    return p
+
+
+def cmd_analyze(args) -> int:
+    import polars as pl
+
+    from routelens.analyses import get
+    from routelens.analyses.registry import run_analysis
+
+    from .store import Store
+
+    analysis = get(args.analysis)
+    store = Store.open(args.db, create=False)
+    runs = [store.run(_run_ref(r)).info for r in args.run]
+    params = {f.name: getattr(args, f.name) for f in dataclasses.fields(analysis.params)
+              if getattr(args, f.name) is not None}
+    result = run_analysis(store, args.analysis, runs, params, save=not args.no_save)
+    frame = result.frames[analysis.primary]
+    if args.json:
+        print(json.dumps(frame.to_dicts(), default=_json_default, ensure_ascii=False))
+        return 0
+    with pl.Config(tbl_rows=60, tbl_cols=16, fmt_str_lengths=40, tbl_width_chars=160):
+        print(frame)
+    saved = f"stored as result {result.info.result_id}" if result.info.result_id >= 0 else "not stored (--no-save)"
+    print(f"{args.analysis} over run(s) {', '.join(map(str, result.info.run_ids))}: {frame.height} rows, "
+          f"{result.info.seconds:.2f} s; {saved}; parts: {', '.join(result.frames)}")
+    return 0
+
+
+def _json_default(obj):
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
 def _run_ref(ref: str):
     return int(ref) if ref.isdigit() else ref
 
@@ -185,11 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--db", default="routelens-demo.duckdb")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    from routelens.analyses.registry import NAMES
+
+    a = sub.add_parser("analyze", help=f"run an analysis over stored runs: {', '.join(NAMES)} "
+                                       "(routelens analyze NAME --help for its parameters)")
+    a.add_argument("analysis", choices=NAMES)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(argv) >= 2 and argv[0] == "analyze" and not argv[1].startswith("-"):
+            from routelens.analyses.registry import NAMES
+
+            if argv[1] not in NAMES:
+                raise RoutelensError(f"unknown analysis {argv[1]!r}; available: {', '.join(NAMES)}")
+            args = _analysis_parser(argv[1]).parse_args(argv[2:])
+        else:
+            args = build_parser().parse_args(argv)
+    except RoutelensError as exc:
+        print(f"routelens: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     try:
         return args.func(args)
     except RoutelensError as exc:

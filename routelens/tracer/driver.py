@@ -194,6 +194,10 @@ def trace(model, tokenizer, inputs, *, store, name: str | None = None, tags: Seq
     segs = _segments(records, tokenizer, limit, options.overflow, options.max_new_tokens)
 
     st = store if isinstance(store, Store) else Store.open(store)
+    if steering is None:  # a steer() block open on the model: store its spec with the run
+        from ..steering.apply import active_steering
+
+        steering = active_steering(model)
     meta = run_meta(model, adapter, model_ref=model_ref, input_source=source, name=name, tags=tags,
                     options=options, steering=steering)
     writer = st.create_run(meta)

@@ -49,8 +49,10 @@ def recording(model, store, *, tokenizer=None, name: str | None = None, tags=(),
     adapter = adapt(base)
     st = store if isinstance(store, Store) else Store.open(store)
     options = TraceOptions(logits=logits, residual=residual, expert_stats=expert_stats)
+    from ..steering.apply import active_steering
+
     meta = run_meta(base, adapter, model_ref=model_ref, input_source=input_source, name=name, tags=tags,
-                    options=options)
+                    options=options, steering=active_steering(base))
     writer = st.create_run(meta)
     handle: Recording | None = None
 
