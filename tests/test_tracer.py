@@ -181,3 +181,18 @@ def test_sharded_run_merges_to_the_single_process_run(tok, tmp_path):
     key = ["seq_id", "pos", "layer", "rank"]
     assert merged.routing().sort(key).drop("run_id").equals(whole.routing().sort(key).drop("run_id"))
     assert info.status == "complete" and info.n_tokens == whole.info.n_tokens
+
+
+@pytest.mark.parametrize("texts", [["abcd", "wxyz"], ["single"]])
+def test_generation_without_padding_keeps_true_positions(tmp_path, tok, texts):
+    # transformers' generate drops an all-ones attention mask at decode steps; positions must then come from
+    # position_ids, not restart at 0 (regression: equal-length batches stored decode steps at pos 0)
+    model = build_tiny_model("qwen3_moe")
+    run = trace(model, tok, texts, store=tmp_path / "s.duckdb", options=TraceOptions(max_new_tokens=3))
+    t = run.tokens()
+    for seq_id in range(len(texts)):
+        rows = t.filter(t["seq_id"] == seq_id)
+        n_prompt = len(tok(texts[seq_id])["input_ids"])
+        assert rows["pos"].to_list() == list(range(rows.height))
+        assert rows["generated"].to_list() == [False] * n_prompt + [True] * (rows.height - n_prompt)
+        assert rows.height == n_prompt + 2  # the last generated token is never fed back

@@ -167,9 +167,19 @@ class RoutingRecorder:
             pos = m.cumsum(-1)[:, -seq:] - 1
             valid = m[:, -seq:] != 0
         else:
+            # No mask (transformers' generate drops an all-ones mask at decode steps): positions come from
+            # position_ids, else cache_position, else the cache's length; never from a call count.
+            position_ids = kwargs.get("position_ids")
             cache_position = kwargs.get("cache_position")
-            start = cache_position.reshape(-1)[:1].to(torch.int64) if cache_position is not None else 0
-            pos = (torch.arange(seq, device=device) + start).expand(batch, seq)
+            if position_ids is not None and position_ids.dim() <= 2 and position_ids.shape[-1] == seq:
+                pos = position_ids.detach().to(torch.int64).reshape(-1, seq).expand(batch, seq)
+            else:
+                if cache_position is not None:
+                    start = cache_position.reshape(-1)[:1].to(torch.int64)
+                else:
+                    cache = kwargs.get("past_key_values")
+                    start = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+                pos = (torch.arange(seq, device=device) + start).expand(batch, seq)
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
         if self._seq_ids is not None and len(self._seq_ids) == batch:
             seq_ids, pos_offset = self._seq_ids, self._pos_offset
