@@ -128,6 +128,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from routelens.app.launch import main as launch
+
+    return launch(args.db, args.port, headless=True, address=args.address)
+
+
 def cmd_steer(args) -> int:
     """Generate with and without a steering spec, side by side; both runs traced into the store."""
     from .steering import SteeringSpec
@@ -200,6 +206,10 @@ def cmd_analyze(args) -> int:
               if getattr(args, f.name) is not None}
     result = run_analysis(store, args.analysis, runs, params, save=not args.no_save)
     frame = result.frames[analysis.primary]
+    notes = result.frames.get("notes")
+    if notes is not None and notes.height:  # e.g. markers absent from the run: said, not hidden
+        for row in notes.iter_rows():
+            print(f"routelens: note: {' '.join(str(v) for v in row)}", file=sys.stderr)
     if args.json:
         print(json.dumps(frame.to_dicts(), default=_json_default, ensure_ascii=False))
         return 0
@@ -296,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     common(s)
     s.set_defaults(func=cmd_steer)
+
+    ap = sub.add_parser("app", help="open the dashboard over a store (Streamlit, bound to 127.0.0.1)")
+    ap.add_argument("--db", default=None, help="store file (default: choose in the app)")
+    ap.add_argument("--port", type=int, default=8501)
+    ap.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+    ap.set_defaults(func=cmd_app)
 
     from routelens.analyses.registry import NAMES
 
