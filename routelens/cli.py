@@ -100,9 +100,22 @@ def cmd_import(args) -> int:
     return 0
 
 
+# What the demo computes after tracing, so every dashboard page has a result on the embedded default.
+DEMO_ANALYSES = (
+    ("stats", {}),
+    ("lrc", {"m": (4, 16), "bootstrap": 200}),  # demo texts are short: windows of 64/256 tokens would be empty
+    ("crosslingual", {"mode": "mean", "pairwise": True}),
+    ("npmi", {}),
+    ("contrast", {"label1": "reasoning", "label2": "parallel", "num_pos": 2, "num_neg": 4}),
+    ("super-experts", {"model": str(DEMO_MODEL), "max_tokens": 512}),
+)
+
+
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: trace the shipped demo texts and summarise the routing."""
+    """The main job on the embedded default: trace the shipped demo texts, run every analysis, summarise."""
     from transformers.utils import logging as hf_logging
+
+    from routelens.analyses import run_analysis
 
     from .loading import load_model
     from .store import Store
@@ -123,42 +136,18 @@ def cmd_demo(args) -> int:
     for layer in sorted(set(loads["layer"].to_list())):
         sub = loads.filter(loads["layer"] == layer)
         lines.append(f"  layer {layer}: " + ", ".join(f"e{e} ({n})" for e, n in zip(sub["expert"], sub["n"])))
-    lines.append(f"\nstore: {args.db}  (try: routelens runs --db {args.db})")
-    _emit(args, {"run": run.info, "top_experts": loads.to_dicts()}, "\n".join(lines))
-    return 0
-
-
-def cmd_app(args) -> int:
-    from routelens.app.launch import main as launch
-
-    return launch(args.db, args.port, headless=True, address=args.address)
-
-
-def cmd_steer(args) -> int:
-    """Generate with and without a steering spec, side by side; both runs traced into the store."""
-    from .steering import SteeringSpec
-    from .steering.experiment import compare
-    from .store import Store
-    from .tracer.inputs import read_inputs
-
-    spec = SteeringSpec.load(args.spec)  # validate the file and the input before paying for a model load
-    records = read_inputs(args.input)
-    store = Store.open(args.db)
-    model, tokenizer = _load(args)
-    result = compare(model, tokenizer, records, spec, store=store, max_new_tokens=args.max_new_tokens,
-                     name=args.name or "steer", batch_size=args.batch_size, model_ref=args.model,
-                     input_source=str(args.input), backend=args.backend, progress=not args.json)
-    lines = [f"base run {result.base_run_id}, steered run {result.steered_run_id} in {args.db}", ""]
-    for p in result.prompts:
-        lines.append(f"[{p.seq_id}] {p.prompt!r}")
-        lines.append(f"    base:    {p.base_text!r}")
-        lines.append(f"    steered: {p.steered_text!r}")
-        if p.routing_changed is not None:
-            lines.append(f"    prompt routing changed: {100 * p.routing_changed:.1f}% of (token, layer) top-k sets")
-        if p.delta_ll is not None:
-            lines.append(f"    reference log-likelihood: {p.ll_base:.3f} -> {p.ll_steered:.3f} (delta {p.delta_ll:+.3f}, "
-                         f"{p.n_reference_tokens} tokens)")
-    _emit(args, result, "\n".join(lines))
+    lines.append("\nanalyses (stored in the store, shown by the dashboard):")
+    done = {}
+    for name, params in DEMO_ANALYSES:
+        if not args.json:
+            print(f"analysing: {name} ...", file=sys.stderr, flush=True)
+        result = run_analysis(store, name, [run.info], params)
+        done[name] = {"result_id": result.info.result_id, "seconds": round(result.info.seconds, 2),
+                      "rows": {k: v.height for k, v in result.frames.items()}}
+        lines.append(f"  {name:<14} result {result.info.result_id}  ({result.info.seconds:.1f} s)  "
+                     f"parts: {', '.join(result.frames)}")
+    lines.append(f"\nstore: {args.db}  (try: routelens runs --db {args.db}; routelens app --db {args.db})")
+    _emit(args, {"run": run.info, "top_experts": loads.to_dicts(), "analyses": done}, "\n".join(lines))
     return 0
 
 
