@@ -1,0 +1,1 @@
+"""One module per dashboard page. Each defines ``render()``; Streamlit runs the file as the page script."""
