@@ -151,6 +151,40 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from routelens.app.launch import main as launch
+
+    return launch(args.db, args.port, headless=True, address=args.address)
+
+
+def cmd_steer(args) -> int:
+    """Generate with and without a steering spec, side by side; both runs traced into the store."""
+    from .steering import SteeringSpec
+    from .steering.experiment import compare
+    from .store import Store
+    from .tracer.inputs import read_inputs
+
+    spec = SteeringSpec.load(args.spec)  # validate the file and the input before paying for a model load
+    records = read_inputs(args.input)
+    store = Store.open(args.db)
+    model, tokenizer = _load(args)
+    result = compare(model, tokenizer, records, spec, store=store, max_new_tokens=args.max_new_tokens,
+                     name=args.name or "steer", batch_size=args.batch_size, model_ref=args.model,
+                     input_source=str(args.input), backend=args.backend, progress=not args.json)
+    lines = [f"base run {result.base_run_id}, steered run {result.steered_run_id} in {args.db}", ""]
+    for p in result.prompts:
+        lines.append(f"[{p.seq_id}] {p.prompt!r}")
+        lines.append(f"    base:    {p.base_text!r}")
+        lines.append(f"    steered: {p.steered_text!r}")
+        if p.routing_changed is not None:
+            lines.append(f"    prompt routing changed: {100 * p.routing_changed:.1f}% of (token, layer) top-k sets")
+        if p.delta_ll is not None:
+            lines.append(f"    reference log-likelihood: {p.ll_base:.3f} -> {p.ll_steered:.3f} (delta {p.delta_ll:+.3f}, "
+                         f"{p.n_reference_tokens} tokens)")
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
 def _analysis_parser(name: str) -> argparse.ArgumentParser:
     """`routelens analyze NAME`: common options plus one option per field of the analysis' parameters."""
     import typing

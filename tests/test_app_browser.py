@@ -120,6 +120,8 @@ def test_every_page_in_chromium(server):
                 if attempt == 2:
                     raise
         page.get_by_text("Add layer 3 expert 7 to the steering basket").click()
+        # navigate only once the rerun that fills the basket has run (its toast), else the click can be lost
+        page.get_by_text("added", exact=True).first.wait_for(timeout=60_000)
         page.get_by_role("link", name="Steering").click()
         page.get_by_role("heading", name="Steering").first.wait_for(timeout=60_000)
         page.get_by_text('"experts": [').first.wait_for(timeout=60_000)

@@ -304,3 +304,38 @@ def test_generic_family_refused_clearly():
     with pytest.raises(Exception, match="generic adapter"):
         with steer(model, {"rules": [{"layers": "all", "experts": [0], "action": "disable"}]}):
             pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steered_router_computes_the_routers_own_logits(family):
+    # steer() replaces the router's forward; the logits it returns must be the router's own, bit for bit
+    from routelens.steering.apply import FP32_ROUTERS, router_logits
+
+    model = build_tiny_model(family)
+    adapter = adapt(model)
+    # 2-D, as every MoE block hands it to its router (gpt-oss's router does not reshape by itself)
+    h = torch.randn(10, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    for layer in adapter.moe_layers:
+        own = layer.router(h)[0]
+        assert torch.equal(router_logits(layer.router, h, adapter.family in FP32_ROUTERS), own), family
+
+
+def test_nested_steer_blocks_compose_and_unwind():
+    model = build_tiny_model("olmoe")
+    adapter = adapt(model)
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base = model(ids).logits
+        with steer(model, {"rules": [{"layers": "all", "experts": [0], "action": "disable"}]}):
+            outer = model(ids).logits
+            with steer(model, {"rules": [{"layers": "all", "experts": [1], "action": "disable"}]}):
+                _, got = _executed(model, adapter, lambda: model(ids).logits)
+                assert active_steering(model)["composed"][1]["rules"][0]["experts"] == [1]
+            assert all(not ((idx == 0) | (idx == 1)).any() for idx in got.values())  # both rules hold inside
+            assert torch.equal(model(ids).logits, outer)  # leaving restores the enclosing steering
+            with pytest.raises(SteeringError, match="both forced and disabled"):
+                with steer(model, {"rules": [{"layers": "all", "experts": [0], "action": "force"}]}):
+                    pass
+            assert torch.equal(model(ids).logits, outer)
+        assert torch.equal(model(ids).logits, base)
+        assert all("forward" not in l.router.__dict__ for l in adapter.moe_layers)
