@@ -38,7 +38,7 @@ PARAMS = {  # per analysis: parameters for this store (defaults otherwise)
     "contrast": {"label1": "A", "label2": "B"},
     "crosslingual": {"mode": "counts"},
     "npmi": {"markers": "<think>,Wait"},
-    "super-experts": {"model": None},
+    "super-experts": {"stats_only": True},  # the synthetic run has no model to ablate
 }
 
 

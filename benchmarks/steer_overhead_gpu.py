@@ -30,23 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _alias_kernels() -> None:
-    """``kernels/`` is installed as ``routelens.kernels``; on a bare checkout (the GPU machine) map it by hand."""
-    import importlib.util
+from kernels_alias import alias_kernels  # noqa: E402
 
-    import routelens
-
-    if importlib.util.find_spec("routelens.kernels") is None:
-        root = Path(__file__).resolve().parent.parent / "kernels"
-        spec = importlib.util.spec_from_file_location("routelens.kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["routelens.kernels"] = module
-        spec.loader.exec_module(module)
-        routelens.kernels = module
-
-
-_alias_kernels()
+alias_kernels()
 
 from routelens.steering import steer  # noqa: E402
 

@@ -61,3 +61,25 @@ def test_param_coercion_and_refusals():
         params_from_dict(a, {"nope": 1})
     with pytest.raises(InputError, match="expected int"):
         _coerce("x", tuple[int, ...], "m")
+
+
+def test_load_routing_sorts_rows_written_out_of_order(tmp_path):
+    from routelens.records import RunMeta, TokenBlock
+
+    store = Store.open(tmp_path / "s.duckdb")
+    meta = RunMeta(model="synthetic", architecture="S", family="olmoe", config_hash="0", num_experts=8, top_k=2,
+                   moe_layers=(0,), num_layers=1, dtype="float32", transformers_version="-", torch_version="-",
+                   routelens_version="-", input_source="t")
+    w = store.create_run(meta)
+    with w:
+        # sequence 1 arrives before sequence 0, and positions within a block are reversed
+        for seq, experts in ((1, [[5, 6], [7, 0]]), (0, [[1, 2], [3, 4], [0, 1]])):
+            n = len(experts)
+            w.add_block(TokenBlock(seq_id=np.full(n, seq, np.int64), pos=np.arange(n, dtype=np.int32)[::-1].copy(),
+                                   token_id=np.zeros(n, np.int32), layers=(0,),
+                                   experts=np.asarray([experts], np.uint16), weights=np.full((1, n, 2), 0.5, np.float32)))
+        info = w.finish("complete")
+    ra = load_routing(store, info)
+    assert ra.seq_id.tolist() == [0, 0, 0, 1, 1] and ra.pos.tolist() == [0, 1, 2, 0, 1]
+    # position p of a block was written at row n-1-p
+    assert ra.experts[0].tolist() == [[0, 1], [3, 4], [1, 2], [7, 0], [5, 6]]
