@@ -130,6 +130,8 @@ def main() -> None:
     compact_mib = info.n_decisions * 2.8 / 2**20
     results = {"tokens": info.n_tokens, "decisions": info.n_decisions, "compact_form_mib": compact_mib,
                "cpu_count": os.cpu_count(), "analyses": {}}
+    if args.only and args.out.exists():  # a partial rerun updates the earlier figures of the others' runs
+        results["analyses"] = json.loads(args.out.read_text()).get("analyses", {})
     for name, params in PARAMS.items():
         if args.only and name not in args.only:
             continue
