@@ -20,6 +20,10 @@ Parts (every frame starts with ``run_id``; with two runs each per-run part holds
     ``sequences.<domain_field>`` (tokens of sequences without one are left out), :func:`domain_counts`.
 ``agreement`` (two runs) — ``run_a, run_b, layer, n_tokens, topk_overlap, top1_agreement, exact_set``,
     :func:`topk_agreement`; tokens matched by (seq_id, pos), refused when their token ids differ.
+
+Memory: the run is read one MoE layer at a time (the previous layer's experts kept for ``coactivation_next``) and
+every count is a bincount over token chunks, so the peak stays under the trace's compact form (measured on 1 M
+tokens × 16 layers × top-8: 293 MiB for a 358 MiB compact form).
 """
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ __all__ = ["StatsParams", "ANALYSIS", "expert_counts", "balance", "router_probs"
 PAIR_MODES = ("all", "consecutive")
 DOMAIN_FIELDS = ("label", "lang", "align_id")
 _CHUNK = 1 << 16  # rows of logits converted to float32 at a time (bounded memory on long runs)
+# tokens whose [k] expert lists are widened to int64 for one np.bincount at a time: the widened copy of a whole
+# [N, k] layer (8 bytes per decision) would be larger than the trace's compact form (2.8 bytes per decision)
+_TOKENS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,10 @@ class StatsParams:
 
 def expert_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """``n_i`` = number of top-k decisions for expert i in one layer; ``experts`` is ``[N, k]``. int64 ``[E]``."""
-    return np.bincount(experts.reshape(-1).astype(np.int64), minlength=num_experts)
+    counts = np.zeros(num_experts, np.int64)
+    for a in range(0, len(experts), _TOKENS):
+        counts += np.bincount(experts[a:a + _TOKENS].reshape(-1).astype(np.intp), minlength=num_experts)
+    return counts
 
 
 def balance(counts: np.ndarray, n_tokens: int, top_k: int, mean_prob: np.ndarray | None) -> tuple[float, float]:
@@ -110,12 +120,15 @@ def weights_entropy(weights: np.ndarray) -> float:
     """Mean per-token entropy (nats) of the stored top-k routing weights ``[N, k]`` renormalised to sum 1:
     ``q = w / Σw``, ``H = −Σ q ln q``. Used when no logits are stored; it only sees the k selected experts, so it is
     at most ln k and not comparable with the logits entropy (at most ln E)."""
-    w = np.asarray(weights, np.float64)
-    if w.shape[0] == 0:
+    weights = np.asarray(weights)
+    if weights.shape[0] == 0:
         return float("nan")
-    q = w / w.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(q > 0, q * np.log(q), 0.0).sum(axis=1)
+    h = np.empty(weights.shape[0], np.float64)  # per token, then one mean: the same sum as unchunked
+    for a in range(0, weights.shape[0], _CHUNK):
+        w = weights[a:a + _CHUNK].astype(np.float64)
+        q = w / w.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h[a:a + _CHUNK] = -np.where(q > 0, q * np.log(q), 0.0).sum(axis=1)
     return float(h.mean())
 
 
@@ -127,17 +140,32 @@ def coactivation(experts: np.ndarray, num_experts: int, pairs: str = "all") -> n
     rank-adjacent pairs (``more_itertools.pairwise`` over the top-k list), counted in both directions.
     ``P(b | a) = C[a, b] / n_a`` with ``n_a`` the decision count of a (:func:`expert_counts`).
     """
-    e = experts.astype(np.int64)
-    k = e.shape[1]
+    k = experts.shape[1]
     if pairs == "all":
-        rank_pairs = [(r, s) for r in range(k) for s in range(k) if r != s]
-    elif pairs == "consecutive":
-        rank_pairs = [(r, r + 1) for r in range(k - 1)] + [(r + 1, r) for r in range(k - 1)]
-    else:
+        return _all_rank_pairs(experts, experts, num_experts, same_rank=False)
+    if pairs != "consecutive":
         raise InputError(f"coactivation_pairs must be one of {PAIR_MODES}, got {pairs!r}")
+    rs = np.array([r for r in range(k - 1)] + [r + 1 for r in range(k - 1)], np.intp)
+    ss = np.array([r + 1 for r in range(k - 1)] + [r for r in range(k - 1)], np.intp)
     c = np.zeros(num_experts * num_experts, np.int64)
-    for r, s in rank_pairs:
-        c += np.bincount(e[:, r] * num_experts + e[:, s], minlength=num_experts * num_experts)
+    for lo in range(0, len(experts), _TOKENS):
+        x = experts[lo:lo + _TOKENS].astype(np.intp)
+        c += np.bincount((x[:, rs] * num_experts + x[:, ss]).reshape(-1), minlength=num_experts * num_experts)
+    return c.reshape(num_experts, num_experts)
+
+
+def _all_rank_pairs(a: np.ndarray, b: np.ndarray, num_experts: int, same_rank: bool) -> np.ndarray:
+    """``C[x, y]`` = number of (token, r, s) with ``a[token, r] = x`` and ``b[token, s] = y``, over every rank pair
+    (``same_rank=False``: except r = s). One bincount of the combined indices ``x·E + y`` per token chunk; the
+    r = s pairs are counted with the rest and subtracted (cheaper than gathering the r ≠ s columns)."""
+    EE = num_experts * num_experts
+    c = np.zeros(EE, np.int64)
+    for lo in range(0, len(a), _TOKENS):
+        x = a[lo:lo + _TOKENS].astype(np.intp)
+        y = x if b is a else b[lo:lo + _TOKENS].astype(np.intp)
+        c += np.bincount((x[:, :, None] * num_experts + y[:, None, :]).reshape(-1), minlength=EE)
+        if not same_rank:
+            c -= np.bincount((x * num_experts + y).reshape(-1), minlength=EE)
     return c.reshape(num_experts, num_experts)
 
 
@@ -145,13 +173,7 @@ def cross_layer_coactivation(experts_a: np.ndarray, experts_b: np.ndarray, num_e
     """``C[a, b]`` = number of tokens with a in their top-k at layer l and b in their top-k at the next MoE layer;
     ``p = P(b at l' | a at l) = C[a, b] / n_a(l)``. (allenai/OLMoE ``run_routing_analysis.py`` counts ``zip`` of
     the flattened ``[N, k]`` lists, i.e. only same-rank pairs; here every one of the k×k pairs counts.)"""
-    a = experts_a.astype(np.int64)
-    b = experts_b.astype(np.int64)
-    c = np.zeros(num_experts * num_experts, np.int64)
-    for r in range(a.shape[1]):
-        for s in range(b.shape[1]):
-            c += np.bincount(a[:, r] * num_experts + b[:, s], minlength=num_experts * num_experts)
-    return c.reshape(num_experts, num_experts)
+    return _all_rank_pairs(experts_a, experts_b, num_experts, same_rank=True)
 
 
 def vocab_specialisation(token_id: np.ndarray, top1: np.ndarray, num_experts: int, min_freq: int):
@@ -161,32 +183,59 @@ def vocab_specialisation(token_id: np.ndarray, top1: np.ndarray, num_experts: in
 
     Returns (token_ids, counts, top_expert, share), sorted by token id.
     """
+    index = _vocab_index(token_id, min_freq)
+    return index.ids, index.counts, *_vocab_top(index, top1, num_experts)
+
+
+@dataclass(frozen=True)
+class _VocabIndex:
+    """The token ids seen >= min_freq times (sorted), their counts, and each token's row among them (-1: none);
+    the same for every layer, so built once per run."""
+    ids: np.ndarray  # int64 [V]
+    counts: np.ndarray  # int64 [V]
+    row: np.ndarray  # int64 [N]
+
+
+def _vocab_index(token_id: np.ndarray, min_freq: int) -> _VocabIndex:
     tok = np.asarray(token_id, np.int64)
     if tok.size == 0:
         z = np.zeros(0, np.int64)
-        return z, z, z, np.zeros(0, np.float64)
+        return _VocabIndex(z, z, z)
     uniq, inverse, counts = np.unique(tok, return_inverse=True, return_counts=True)
     keep = counts >= min_freq
-    kept_ids, kept_counts = uniq[keep], counts[keep]
     compact = np.full(len(uniq), -1, np.int64)
     compact[keep] = np.arange(int(keep.sum()))
-    row = compact[inverse]
-    sel = row >= 0
-    table = np.bincount(row[sel] * num_experts + top1[sel].astype(np.int64),
-                        minlength=len(kept_ids) * num_experts).reshape(len(kept_ids), num_experts)
-    top = table.argmax(axis=1) if len(kept_ids) else np.zeros(0, np.int64)
-    share = (table[np.arange(len(kept_ids)), top] / kept_counts) if len(kept_ids) else np.zeros(0)
-    return kept_ids, kept_counts, top.astype(np.int64), share.astype(np.float64)
+    return _VocabIndex(uniq[keep], counts[keep], compact[inverse.reshape(-1)])
+
+
+def _vocab_top(index: _VocabIndex, top1: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax expert, its share) per kept token id, from the top-1 expert of each token ``top1`` [N]."""
+    V = len(index.ids)
+    if V == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    table = np.zeros(V * num_experts, np.int64)
+    for a in range(0, len(index.row), _CHUNK):
+        row = index.row[a:a + _CHUNK]
+        sel = row >= 0
+        table += np.bincount(row[sel] * num_experts + top1[a:a + _CHUNK][sel].astype(np.int64),
+                             minlength=V * num_experts)
+    table = table.reshape(V, num_experts)
+    top = table.argmax(axis=1)
+    share = table[np.arange(V), top] / index.counts
+    return top.astype(np.int64), share.astype(np.float64)
 
 
 def domain_counts(group: np.ndarray, n_groups: int, experts: np.ndarray, num_experts: int) -> np.ndarray:
     """``C[g, e]`` = top-k decisions for expert e among tokens of domain g (``group`` [N], -1 = none) in one layer
     (allenai/OLMoE ``run_routing_analysis.py``: per-domain expert counters, plotted as shares)."""
-    g = np.asarray(group, np.int64)
-    sel = g >= 0
-    e = experts[sel].astype(np.int64)
-    idx = np.repeat(g[sel], e.shape[1]) * num_experts + e.reshape(-1)
-    return np.bincount(idx, minlength=n_groups * num_experts).reshape(n_groups, num_experts)
+    g = np.asarray(group)
+    c = np.zeros(n_groups * num_experts, np.int64)
+    for a in range(0, len(g), _TOKENS):
+        gs = g[a:a + _TOKENS]
+        sel = gs >= 0
+        idx = gs[sel].astype(np.intp)[:, None] * num_experts + experts[a:a + _TOKENS][sel].astype(np.intp)
+        c += np.bincount(idx.reshape(-1), minlength=n_groups * num_experts)
+    return c.reshape(n_groups, num_experts)
 
 
 def topk_agreement(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,23 +301,35 @@ def _domains(store, info: RunInfo, ra: RoutingArrays, fld: str) -> tuple[list[st
 
 def _run_parts(store, info: RunInfo, params: StatsParams) -> dict[str, pl.DataFrame]:
     layers = _layers_wanted(info, params)
-    ra = load_routing(store, info, layers, weights=True, tokens=True)
     handle = store.run(info.run_id)
     has_logits = handle.has_logits()
-    E, k, N = info.num_experts, ra.top_k, ra.n_tokens
-    ref_keys = _keys(ra.seq_id, ra.pos)
-    domain_names, group = _domains(store, info, ra, params.domain_field)
+    E = info.num_experts
     load_rows, layer_rows, co_rows, next_rows, vocab_rows, dom_rows = [], [], [], [], [], []
+    prev_ex = prev_counts = None
+    # One layer in memory at a time (plus the previous one's experts, for the cross-layer counts): all layers at
+    # once, with their weights, would exceed the trace's compact form.
     for li, layer in enumerate(layers):
-        ex = ra.experts[li]
+        ra = load_routing(store, info, (layer,), weights=not has_logits, tokens=li == 0)
+        if li == 0:
+            k, N = ra.top_k, ra.n_tokens
+            ref_keys = _keys(ra.seq_id, ra.pos) if has_logits else None
+            domain_names, group = _domains(store, info, ra, params.domain_field)
+            vocab_index = _vocab_index(ra.token_id, params.vocab_min_freq)
+            vocab_texts = _vocab_texts(store, info.run_id, vocab_index.ids)
+            label_tokens = np.bincount(group[group >= 0], minlength=len(domain_names))
+        ex = ra.experts[0]
+        layer_weights = ra.weights
+        del ra
         counts = expert_counts(ex, E)
         mean_prob, entropy, lb_source, ent_source = None, float("nan"), "no logits (trace with --logits)", "top-k weights"
         lb_counts, lb_n = counts, N
         if has_logits:
             lframe, logits = handle.logits(layer)
             at = _align(ref_keys, _keys(lframe["seq_id"].to_numpy(), lframe["pos"].to_numpy()))
-            logits = logits[at >= 0]
-            at = at[at >= 0]
+            found = at >= 0
+            if not found.all():  # the copy only when some rows are not among the routed tokens
+                logits = logits[found]
+                at = at[found]
             mean_prob, entropy = router_probs(logits)
             ent_source = lb_source = "logits"
             if len(at) != N:  # some tokens have no logits: f_i over the same tokens as P_i
@@ -276,7 +337,8 @@ def _run_parts(store, info: RunInfo, params: StatsParams) -> dict[str, pl.DataFr
                 lb_source = f"logits ({len(at)} of {N} tokens)"
             del logits
         else:
-            entropy = weights_entropy(ra.weights[li].astype(np.float32))
+            entropy = weights_entropy(layer_weights[0])
+        del layer_weights
         cv = balance(counts, N, k, None)[0]
         lb = balance(lb_counts, lb_n, k, mean_prob)[1]
         share = counts / (N * k) if N else np.full(E, np.nan)
@@ -284,7 +346,8 @@ def _run_parts(store, info: RunInfo, params: StatsParams) -> dict[str, pl.DataFr
             "layer": np.full(E, layer, np.int32), "expert": np.arange(E, dtype=np.int32), "n_tokens": counts,
             "share": share, "f_i": share, "token_frac": counts / N if N else np.full(E, np.nan),
             "p_i": np.full(E, np.nan) if mean_prob is None else mean_prob}))
-        vids, vcounts, vtop, vshare = vocab_specialisation(ra.token_id, ex[:, 0], E, params.vocab_min_freq)
+        vids, vcounts = vocab_index.ids, vocab_index.counts
+        vtop, vshare = _vocab_top(vocab_index, ex[:, 0], E)
         layer_rows.append({
             "layer": layer, "n_tokens": N, "cv": cv, "lb_value": lb, "lb_value_hf": k * lb, "lb_source": lb_source,
             "entropy": entropy, "entropy_source": ent_source, "entropy_max": float(np.log(E if has_logits else k)),
@@ -293,23 +356,23 @@ def _run_parts(store, info: RunInfo, params: StatsParams) -> dict[str, pl.DataFr
             "n_vocab_tokens": len(vids)})
         vocab_rows.append(pl.DataFrame({
             "layer": np.full(len(vids), layer, np.int32), "token_id": vids.astype(np.int64),
-            "token": pl.Series(_vocab_texts(store, info.run_id, vids), dtype=pl.Utf8), "count": vcounts,
+            "token": pl.Series(vocab_texts, dtype=pl.Utf8), "count": vcounts,
             "top_expert": vtop.astype(np.int32), "share": vshare}))
         c = coactivation(ex, E, params.coactivation_pairs)
         a, b = np.nonzero(c)
         co_rows.append(pl.DataFrame({
             "layer": np.full(len(a), layer, np.int32), "expert_a": a.astype(np.int32), "expert_b": b.astype(np.int32),
             "count": c[a, b], "p_b_given_a": c[a, b] / counts[a]}))
-        if li + 1 < len(layers):
-            c = cross_layer_coactivation(ex, ra.experts[li + 1], E)
+        if prev_ex is not None:
+            c = cross_layer_coactivation(prev_ex, ex, E)
             a, b = np.nonzero(c)
             next_rows.append(pl.DataFrame({
-                "layer": np.full(len(a), layer, np.int32), "next_layer": np.full(len(a), layers[li + 1], np.int32),
+                "layer": np.full(len(a), layers[li - 1], np.int32), "next_layer": np.full(len(a), layer, np.int32),
                 "expert_a": a.astype(np.int32), "expert_b": b.astype(np.int32), "count": c[a, b],
-                "p": c[a, b] / counts[a]}))
+                "p": c[a, b] / prev_counts[a]}))
+        prev_ex, prev_counts = ex, counts
         if domain_names:
             dc = domain_counts(group, len(domain_names), ex, E)
-            label_tokens = np.bincount(group[group >= 0], minlength=len(domain_names))
             with np.errstate(divide="ignore", invalid="ignore"):
                 dshare = dc / (label_tokens[:, None] * k)
                 vs_all = dshare / share[None, :]
@@ -359,8 +422,9 @@ def _agreement(store, a: RunInfo, b: RunInfo, params: StatsParams) -> pl.DataFra
     layers = tuple(l for l in _layers_wanted(a, params) if l in set(b.moe_layers))
     if not layers:
         raise InputError(f"runs {a.run_id} and {b.run_id} share no MoE layer; agreement compares the same layers")
-    ra = load_routing(store, a, layers, tokens=True)
-    rb = load_routing(store, b, layers, tokens=True)
+    # the first layer gives the tokens to match; then one layer of each run in memory at a time
+    ra = load_routing(store, a, layers[:1], tokens=True)
+    rb = load_routing(store, b, layers[:1], tokens=True)
     ka, kb = _keys(ra.seq_id, ra.pos), _keys(rb.seq_id, rb.pos)
     common, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
     if params.prompt_only:
@@ -378,9 +442,13 @@ def _agreement(store, a: RunInfo, b: RunInfo, params: StatsParams) -> pl.DataFra
             f"runs {a.run_id} and {b.run_id} hold different tokens at {int(differ.sum())} of {len(common)} shared "
             f"positions (first: seq {int(common[first] >> 32)}, pos {int(common[first] & 0xFFFFFFFF)}); agreement "
             "needs the same token stream (for runs with different generations use --prompt-only true)")
+    del ka, kb
     rows = []
     for li, layer in enumerate(layers):
-        overlap, top1 = topk_agreement(ra.experts[li][ia], rb.experts[li][ib])
+        if li:
+            ra, rb = load_routing(store, a, (layer,)), load_routing(store, b, (layer,))
+        overlap, top1 = topk_agreement(ra.experts[0][ia], rb.experts[0][ib])
+        ra = rb = None
         rows.append({"run_a": a.run_id, "run_b": b.run_id, "layer": layer, "n_tokens": len(common),
                      "topk_overlap": float(overlap.mean()), "top1_agreement": float(top1.mean()),
                      "exact_set": float((overlap == 1.0).mean())})

@@ -98,6 +98,16 @@ def test_select_experts_by_hand():
         {"layers": [1], "experts": [0, 1], "action": "disable"}]
 
 
+def test_activation_counts_across_chunk_boundaries():
+    """Counts accumulated over token chunks (bounded memory) equal an unchunked one-hot sum on > 2 chunks."""
+    rng = np.random.default_rng(3)
+    L, N, k, E = 2, 140_001, 3, 10
+    ex = np.argsort(rng.random((L, N, E)) + np.linspace(0, 1, E), axis=-1)[..., :k].astype(np.uint8)
+    onehot = np.zeros((L, N, E), np.int64)
+    onehot[np.arange(L)[:, None, None], np.arange(N)[None, :, None], ex] = 1
+    assert (activation_counts(ex, E) == onehot.sum(1)).all()
+
+
 # -- planted ground truth ----------------------------------------------------------------------------------------
 
 def _planted(store, n_seq=6, length=12, E=8, k=2):
@@ -141,6 +151,25 @@ def test_planted_rank_one(store, tmp_path):
     # reverse: the planted expert is disabled instead
     r = run(store, "contrast", info.run_id, label1="A", label2="B", num_neg=1, reverse=True, save=False)
     assert r.frames["spec"].to_dicts()[0] == {"layer": 3, "expert": 5, "action": "disable", "rd": 1.0, "rank": 1}
+
+
+def test_loads_one_layer_at_a_time(store, monkeypatch):
+    """Memory: each behaviour is read one MoE layer per load_routing call (all layers of a long run at once would
+    exceed the trace's compact form), with the same planted result."""
+    import routelens.analyses.contrast as contrast_module
+
+    info, ex, lab = _planted(store)
+    real, asked = contrast_module.load_routing, []
+
+    def spy(st, run_info, layers=None, **kw):
+        asked.append(tuple(layers))
+        return real(st, run_info, layers, **kw)
+
+    monkeypatch.setattr(contrast_module, "load_routing", spy)
+    top = run(store, "contrast", info.run_id, label1="A", label2="B", eq=True, save=False).frames["experts"].row(
+        0, named=True)
+    assert sorted(asked) == [(1,), (1,), (3,), (3,)]  # each layer once per behaviour
+    assert (top["layer"], top["expert"], top["rd"], top["a1"], top["a2"]) == (3, 5, 1.0, 36, 0)
 
 
 def test_eq_and_two_runs(store):

@@ -118,6 +118,36 @@ def test_domain_counts_and_agreement_by_hand():
     assert overlap.tolist() == [1.0, 0.5, 0.0] and top1.tolist() == [False, True, False]
 
 
+def test_chunked_counts_across_chunk_boundaries():
+    """The counts are accumulated over token chunks (bounded memory): on more tokens than two chunks they equal an
+    independent one-hot formulation (X[n, e] = 1 when e is in token n's top-k): C = XᵀX off the diagonal,
+    C_next = XₐᵀX_b, domain = GᵀX, and an unchunked entropy."""
+    rng = np.random.default_rng(7)
+    E, k, N, G = 16, 4, 70_001, 3  # > 4 chunks of 16,384 tokens and > 1 chunk of 65,536
+    a = np.argsort(rng.random((N, E)) + np.linspace(0, 1, E), axis=1)[:, :k].astype(np.uint8)
+    b = np.argsort(rng.random((N, E)), axis=1)[:, :k].astype(np.uint8)
+    xa = np.zeros((N, E), np.int64)
+    xa[np.arange(N)[:, None], a] = 1
+    xb = np.zeros((N, E), np.int64)
+    xb[np.arange(N)[:, None], b] = 1
+    within = xa.T @ xa
+    np.fill_diagonal(within, 0)
+    assert (expert_counts(a, E) == xa.sum(0)).all()
+    assert (coactivation(a, E) == within).all()
+    assert (cross_layer_coactivation(a, b, E) == xa.T @ xb).all()
+    group = rng.integers(-1, G, N)
+    onehot_g = (group[:, None] == np.arange(G)).astype(np.int64)
+    assert (domain_counts(group, G, a, E) == onehot_g.T @ xa).all()
+    tok = rng.integers(0, 50, N)
+    ids, counts, top, share = vocab_specialisation(tok, a[:, 0], E, 20)
+    for i, t in enumerate(ids.tolist()):
+        hist = np.bincount(a[tok == t, 0], minlength=E)
+        assert counts[i] == (tok == t).sum() and top[i] == hist.argmax() and share[i] == hist.max() / counts[i]
+    w = rng.random((N, k)).astype(np.float16)
+    q = w.astype(np.float64) / w.astype(np.float64).sum(1, keepdims=True)
+    assert weights_entropy(w) == pytest.approx(float((-(q * np.log(q)).sum(1)).mean()), rel=1e-12)
+
+
 # -- planted ground truth through the store ----------------------------------------------------------------------
 
 def _planted(store, *, logits=True, name="planted", perturb=None):
@@ -261,3 +291,23 @@ def test_cli_json(store, tmp_path, capsys):
     assert code == 0, err
     rows = json.loads(out)
     assert [r["layer"] for r in rows] == [0, 1] and all(r["run_id"] == info.run_id for r in rows)
+
+
+def test_loads_one_layer_at_a_time(store, monkeypatch):
+    """Memory: the run is read one MoE layer per load_routing call (all layers at once, with weights, would exceed
+    the trace's compact form on a long run), and the results are those of the planted run."""
+    import routelens.analyses.stats as stats_module
+
+    a, *_ = _planted(store, name="a", logits=False)
+    b, *_ = _planted(store, name="b")
+    real, asked = stats_module.load_routing, []
+
+    def spy(st, info, layers=None, **kw):
+        asked.append(tuple(layers))
+        return real(st, info, layers, **kw)
+
+    monkeypatch.setattr(stats_module, "load_routing", spy)
+    f = run(store, "stats", [a.run_id, b.run_id], save=False).frames
+    assert asked and all(len(layers) == 1 for layers in asked)
+    assert f["agreement"]["topk_overlap"].to_list() == [1.0, 1.0]
+    assert f["load"].filter(layer=0)["n_tokens"].to_list() == [20, 20, 20, 20] * 2
