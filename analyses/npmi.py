@@ -165,9 +165,13 @@ def compute(store, runs: list[RunInfo], params: NpmiParams) -> dict[str, pl.Data
     wanted = match_markers(vocab, params.markers)
     wanted.update({f"id:{int(t)}": (int(t),) for t in params.marker_ids})
 
-    routing = load_routing(store, info, params.layers or None, tokens=True)
-    T, E = routing.n_tokens, info.num_experts
-    token_id = routing.token_id
+    # One MoE layer in memory at a time (the counts per layer are all nPMI needs): peak memory stays under the
+    # trace's compact form however many layers the run has.
+    layers = tuple(params.layers) if params.layers else tuple(info.moe_layers)
+    first = load_routing(store, info, layers[:1], tokens=True)
+    T, E = first.n_tokens, info.num_experts
+    token_id = first.token_id
+    masks: dict[str, np.ndarray] = {}
     marker_rows, rank_frames, missing = [], [], []
     for marker, ids in wanted.items():
         mask = np.isin(token_id, np.asarray(ids, np.int64)) if ids else np.zeros(T, bool)
@@ -175,14 +179,26 @@ def compute(store, runs: list[RunInfo], params: NpmiParams) -> dict[str, pl.Data
         marker_rows.append((marker, list(ids), n_x))
         if n_x == 0:
             missing.append(marker)
-            continue
-        n_y, n_xy = cooccurrence_counts(routing.experts, mask, E)
+        else:
+            masks[marker] = mask
+    per_layer: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in masks}
+    for li, layer in enumerate(layers):
+        routing = first if li == 0 else load_routing(store, info, [layer])
+        for marker, mask in masks.items():
+            n_y, n_xy = cooccurrence_counts(routing.experts, mask, E)
+            per_layer[marker].append((n_y[0], n_xy[0]))
+        del routing
+    first = None
+    for marker, mask in masks.items():
+        n_x = int(mask.sum())
+        n_y = np.stack([c[0] for c in per_layer[marker]])
+        n_xy = np.stack([c[1] for c in per_layer[marker]])
         values = npmi(n_xy, n_x, n_y, T)
-        li, e = rank_pairs(values, n_xy, routing.layers)
+        li, e = rank_pairs(values, n_xy, layers)
         if params.top_n:
             li, e = li[:params.top_n], e[:params.top_n]
         rank_frames.append(pl.DataFrame({
-            "marker": [marker] * len(li), "layer": np.asarray(routing.layers, np.int32)[li],
+            "marker": [marker] * len(li), "layer": np.asarray(layers, np.int32)[li],
             "expert": e.astype(np.int32), "n_x": np.full(len(li), n_x, np.int64), "n_y": n_y[li, e],
             "n_xy": n_xy[li, e], "npmi": values[li, e], "rank": np.arange(1, len(li) + 1, dtype=np.int32)},
             schema=_RANKING_SCHEMA))
