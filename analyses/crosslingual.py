@@ -262,19 +262,17 @@ class _Distributions:
             self.from_logits = params.topk_source == "logits" or (params.topk_source == "auto" and has_logits)
         else:
             self.from_logits = mode == "mean"
-        self.routing = None
-        if not self.from_logits:  # counts, or topk from the stored executed weights
-            self.routing = load_routing(store, info, layers, weights=mode == "topk")
-            self.groups = _token_groups(self.routing.seq_id, seq_ids, seq_group)
+        self.groups = None  # token -> passage group, from the first layer loaded (every layer has the same tokens)
 
     def layer(self, layer: int) -> np.ndarray:
         E, k = self.info.num_experts, self.info.top_k
-        if not self.from_logits:
-            li = self.routing.layer_index(layer)
+        if not self.from_logits:  # counts, or topk from the stored executed weights: one layer in memory at a time
+            routing = load_routing(self.store, self.info, [layer], weights=self.params.mode == "topk")
+            if self.groups is None:
+                self.groups = _token_groups(routing.seq_id, self.seq_ids, self.seq_group)
             if self.params.mode == "counts":
-                return counts_distribution(self.routing.experts[li], self.groups, self.n_groups, E)
-            return weights_distribution(self.routing.experts[li], self.routing.weights[li], self.groups,
-                                        self.n_groups, E)
+                return counts_distribution(routing.experts[0], self.groups, self.n_groups, E)
+            return weights_distribution(routing.experts[0], routing.weights[0], self.groups, self.n_groups, E)
         frame, logits = self.handle.logits(layer)
         groups = _token_groups(frame["seq_id"].to_numpy().astype(np.int64), self.seq_ids, self.seq_group)
         scoring = _scoring(self.info, self.params.scoring, logits[:256])
