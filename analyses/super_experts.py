@@ -203,11 +203,21 @@ _MASSIVE_SCHEMA = {"layer": pl.Int16, "max_value": pl.Float32, "mean_value": pl.
 def massive_frame(store, info: RunInfo) -> pl.DataFrame:
     """Massive activations per decoder layer from ``residual_max`` (one aggregate in DuckDB; the location of a
     tied max is the first by (seq_id, pos))."""
-    frame = store.sql(
-        "SELECT layer, max(value) AS max_value, avg(value) AS mean_value, "
-        "quantile_cont(value, 0.5) AS median_value, "
-        "arg_max({'channel': channel, 'seq': seq_id, 'pos': pos}, (value, -seq_id, -pos)) AS at, "
-        "count(*) AS n_tokens FROM residual_max WHERE run_id = ? GROUP BY layer ORDER BY layer", [info.run_id])
+    from routelens.store.connection import session
+
+    parts = []
+    # one query per layer, each on a fresh connection: the exact median holds one layer's values, not the run's
+    for layer in range(info.num_layers):
+        with session(store.path, read_only=True) as con:
+            part = con.sql(
+                "SELECT layer, max(value) AS max_value, avg(value) AS mean_value, "
+                "quantile_cont(value, 0.5) AS median_value, "
+                "arg_max({'channel': channel, 'seq': seq_id, 'pos': pos}, (value, -seq_id, -pos)) AS at, "
+                "count(*) AS n_tokens FROM residual_max WHERE run_id = ? AND layer = ? GROUP BY layer",
+                params=[info.run_id, layer]).pl()
+        if part.height:
+            parts.append(part)
+    frame = pl.concat(parts) if parts else pl.DataFrame()
     if frame.is_empty():
         return pl.DataFrame(schema=_MASSIVE_SCHEMA)
     frame = frame.with_columns(
