@@ -13,7 +13,7 @@ Extra columns: ``tau`` (the best τ, the first one on ties), ``best_rho = P(τ*)
 
 SCH — segment cache best hit rate (moe-lrc ``src/41_sch_calc.py::calc_fsf``, ``src/42_sch_refine.py``): the hit rate
 of a capacity-C cache that evicts the item with the lowest (look-ahead count over the segment of m tokens
-starting at the current token, last access) — see ``lrc_kernels.stack_depths`` for the exact rule and the
+starting at the current token, last access) — see ``lrc_kernels.band_counts`` for the exact rule and the
 cold-start convention (the first C distinct experts are free hits). ``C = ρ·k`` per layer; at model level every
 token requests all layers' top-k (layer order, items ``l·E + e``) from one shared cache with ``C = ρ·k·L``.
 Baselines (moe-lrc ``src/50_chr_calc.py``): LRU, LFU (accesses since the sequence start, recency tie-break) and
@@ -138,25 +138,37 @@ def capacities(rho: np.ndarray, top_k: int, n_layers: int = 1) -> np.ndarray:
     return np.round(c).astype(np.int64) * int(n_layers)
 
 
+def _check_key_bits(max_len: int, n_layers: int, top_k: int) -> None:
+    # the kernel packs (count, request counter, slot) into one int64 priority
+    bits = int(max_len).bit_length() + int(max_len * n_layers * top_k + 1).bit_length() + int(n_layers).bit_length()
+    if bits > 61:
+        raise InputError(f"lrc: a {max_len}-token sequence is too long for the cache kernels; split it into samples")
+
+
 def cache_depth_counts(experts: np.ndarray, seq_start: np.ndarray, seq_sel: np.ndarray, num_experts: int,
-                       policy: str, window: int, cmax: int) -> np.ndarray:
-    """Requests of each selected sequence served at stack depth d < cmax, ``[len(seq_sel), cmax]``.
+                       policy: str, window: int, cmax: int, group: int = 1) -> np.ndarray:
+    """Requests of each selected sequence served at stack depths ``[g·j, g·(j+1))``, ``[len(seq_sel), cmax/g]``.
 
     ``experts[Lc, N, k]``: Lc = 1 is a per-layer cache, Lc > 1 one shared cache over the layers' concatenated
-    requests. ``hits(C) = counts[:, :C].sum(1)`` for every C <= cmax (``lrc_kernels.stack_depths``)."""
+    requests. ``hits(C) = counts[:, :C/g].sum(1)`` for every multiple C of g = ``group`` up to cmax
+    (``lrc_kernels.band_counts``; g = 1 gives every depth)."""
     if experts.ndim != 3:
         raise ValueError("experts must be [layers, tokens, k]")
+    if group < 1 or cmax % group:
+        raise ValueError("cmax must be a multiple of group")
+    _check_key_bits(int(np.diff(seq_start).max(initial=0)), experts.shape[0], experts.shape[2])
     # contiguous int64 inputs: one compiled specialisation per expert dtype, none per stride
-    return K.stack_depths(np.ascontiguousarray(experts), np.ascontiguousarray(seq_start, np.int64),
-                          np.ascontiguousarray(seq_sel, np.int64), int(num_experts), POLICIES[policy], int(window),
-                          int(cmax))
+    _, out = K.band_counts(np.ascontiguousarray(experts), np.ascontiguousarray(seq_start, np.int64),
+                           np.ascontiguousarray(seq_sel, np.int64), int(num_experts), POLICIES[policy],
+                           np.array([window], np.int64), 0, int(group), int(cmax) // int(group))
+    return out[0]
 
 
-def hit_rates(counts: np.ndarray, caps: np.ndarray, requests: np.ndarray) -> np.ndarray:
-    """Per-sequence hit rate at each capacity: ``hits(C)/requests``, ``[S, len(caps)]``; C beyond the counted
-    depths (C >= the universe) hits everything."""
+def hit_rates(counts: np.ndarray, caps: np.ndarray, requests: np.ndarray, group: int = 1) -> np.ndarray:
+    """Per-sequence hit rate at each capacity: ``hits(C)/requests``, ``[S, len(caps)]``, from counts per band of
+    ``group`` depths; C beyond the counted depths (C >= the universe) hits everything."""
     cum = np.cumsum(counts, axis=1)
-    idx = np.minimum(caps, counts.shape[1]) - 1
+    idx = np.minimum(np.asarray(caps) // group, counts.shape[1]) - 1
     return cum[:, idx] / np.asarray(requests, np.float64)[:, None]
 
 
@@ -262,16 +274,25 @@ def compute(store, runs, params: LrcParams) -> dict[str, pl.DataFrame]:
     sch_seqs = all_seqs[::params.sch_stride]
     weights_sch = (weights_all if params.sch_stride == 1
                    else bootstrap_weights(len(sch_seqs), params.bootstrap, params.seed).astype(np.float64))
+    if policies:
+        _check_key_bits(int(lengths.max()), L, k)
+        caps_layer = capacities(rho, k)
+        caps_model = caps_layer * L
+        cmax_layer = int(min(caps_layer.max(), E))
+        cmax_model = int(min(caps_model.max(), L * E))  # a multiple of L: every model-level C is one
     for policy in policies:
         sel, weights = (sch_seqs, weights_sch) if policy == "sch" else (all_seqs, weights_all)
         windows = params.m if policy == "sch" else (None,)
-        for m in windows:
-            for scope, li, sub in scopes:
-                n_layers = sub.shape[0]
-                caps = capacities(rho, k, n_layers)
-                cmax = int(min(caps.max(), n_layers * E))
-                counts = cache_depth_counts(sub, seq_start, sel, E, policy, m or 1, cmax)
-                rates = hit_rates(counts, caps, lengths[sel] * k * n_layers)
+        # one parallel pass: every window length, every layer's cache and the shared one
+        lay, mod = K.band_counts(np.ascontiguousarray(ex), np.ascontiguousarray(seq_start, np.int64), sel, E,
+                                 POLICIES[policy], np.array([m or 1 for m in windows], np.int64), cmax_layer,
+                                 L, cmax_model // L if params.model_level else 0)
+        for w, m in enumerate(windows):
+            for scope, li, _ in scopes:
+                if scope == "layer":
+                    caps, rates = caps_layer, hit_rates(lay[w, li], caps_layer, lengths[sel] * k)
+                else:
+                    caps, rates = caps_model, hit_rates(mod[w], caps_model, lengths[sel] * k * L, group=L)
                 theta = rates.mean(0)
                 boot = weights @ rates / len(sel)
                 rows += _rows_from(policy, scope, None if li is None else arrays.layers[li], m, rho, caps, theta,

@@ -135,6 +135,30 @@ def test_cache_hits_match_brute_force_per_layer_and_model(policy):
     assert checked > 500
 
 
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_banded_cache_counts_match_brute_force(policy):
+    """The shared cache kept as bands of g depths (g = number of layers, as the model level uses): hits at every
+    multiple of g equal the brute-force cache."""
+    rng = np.random.default_rng(11 + POLICY_NAMES.index(policy))
+    checked = 0
+    for _ in range(25):
+        L, E = int(rng.integers(2, 5)), int(rng.integers(2, 7))
+        k = int(rng.integers(1, E + 1))
+        lengths = rng.integers(1, 12, size=int(rng.integers(1, 4)))
+        ex = random_routing(rng, L, E, k, lengths)
+        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        window = int(rng.integers(1, 6))
+        cmax = L * int(rng.integers(1, E + 1))
+        counts = lrc.cache_depth_counts(ex, start, np.arange(len(lengths)), E, policy, window, cmax, group=L)
+        assert counts.shape == (len(lengths), cmax // L)
+        for i in range(len(lengths)):
+            R = requests(ex, start[i], start[i + 1], list(range(L)), E)
+            for j in range(cmax // L):
+                assert counts[i, :j + 1].sum() == brute_hits(R, (j + 1) * L, policy, window), (policy, j, R)
+                checked += 1
+    assert checked > 100
+
+
 def test_analysis_values_equal_brute_force_means(tmp_path):
     """End to end through the store: per-layer and model-level rows equal the brute-force definitions."""
     rng = np.random.default_rng(7)
