@@ -23,10 +23,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from routelens.adapters.routing import DeepseekV3Rule, RoutingRule
+from routelens.adapters.routing import DeepseekV2Rule, DeepseekV3Rule, RoutingRule, SoftmaxTopK
 from routelens.steering.spec import LayerTables
 
-__all__ = ["masked_route", "steered_scores"]
+__all__ = ["masked_route", "steered_scores", "weights_dtype"]
+
+
+def weights_dtype(rule: RoutingRule, logits_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``rule(logits)`` returns its weights in, for logits of ``logits_dtype`` (steered weights are cast
+    back to it, so steering never changes what the experts receive)."""
+    if isinstance(rule, SoftmaxTopK):
+        return logits_dtype if rule.weights_in_logits_dtype else torch.float32
+    if isinstance(rule, DeepseekV2Rule):
+        return torch.float32  # softmax(dtype=float32) * scaling
+    return logits_dtype  # V3: sigmoid(z) gathered; gpt-oss / sparsemixer: softmax in z's dtype
 
 
 def _table(values, device) -> Tensor:
@@ -57,7 +67,7 @@ def masked_route(logits: Tensor, rule: RoutingRule, tables: LayerTables | None, 
     """``(weights [T, k], indices [T, k])`` of ``rule`` on logits steered by ``tables`` (see module docstring)."""
     if tables is None or tables.is_neutral:
         return rule(logits)
-    out_dtype = rule(logits[:0])[0].dtype
+    out_dtype = weights_dtype(rule, logits.dtype)
     z, choice_bias = steered_scores(logits, rule, tables, force_delta)
     weights, indices = rule(z, choice_bias=choice_bias) if choice_bias is not None else rule(z)
     weights = weights.float()

@@ -37,7 +37,7 @@ from routelens.adapters.routing import DeepseekV2Rule, DeepseekV3Rule, GptOssRul
 from routelens.errors import InputError
 from routelens.steering.spec import LayerTables
 
-from .reference import masked_route
+from .reference import masked_route, weights_dtype
 
 __all__ = ["masked_route_triton", "route_kernel", "triton_available", "weights_dtype", "launch_config"]
 
@@ -304,15 +304,6 @@ def _sparsemixer_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
 _FAMILIES = (SoftmaxTopK, DeepseekV3Rule, DeepseekV2Rule, GptOssRule, SparseMixerRule)
 
 
-def weights_dtype(rule, logits_dtype: torch.dtype) -> torch.dtype:
-    """The dtype ``rule(logits)`` returns its weights in (what ``reference.masked_route`` casts back to)."""
-    if isinstance(rule, SoftmaxTopK):
-        return logits_dtype if rule.weights_in_logits_dtype else torch.float32
-    if isinstance(rule, DeepseekV2Rule):
-        return torch.float32  # softmax(dtype=float32) * scaling
-    return logits_dtype  # V3: sigmoid(z) gathered; gpt-oss / sparsemixer: softmax in z's dtype
-
-
 def launch_config(num_experts: int, num_tokens: int, block_rows: int | None = None,
                   num_warps: int | None = None) -> tuple[int, int, int]:
     """``(E_PAD, BLOCK_T, num_warps)``: about 2k elements of the ``[BLOCK_T, E_PAD]`` tile per program."""
@@ -346,8 +337,8 @@ def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, t
 
 
 def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: float = 0.01, *,
-                 block_rows: int | None = None, num_warps: int | None = None, precise: bool | None = None
-                 ) -> tuple[Tensor, Tensor]:
+                 block_rows: int | None = None, num_warps: int | None = None, precise: bool | None = None,
+                 _device: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``."""
     if not isinstance(rule, _FAMILIES):
         raise InputError(f"no Triton routing kernel for {type(rule).__name__}; use the torch steering backend")
@@ -360,8 +351,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         logits = logits.contiguous()
     T, E = logits.shape
     k = rule.k
-    tables = tables if tables is not None else LayerTables.neutral(E)
-    tab, (has_bias, has_mask, has_boost, renorm_boost) = _device_tables(tables, logits.device)
+    if _device is None:  # masked_route_triton passes the tables it already looked up
+        _device = _device_tables(tables if tables is not None else LayerTables.neutral(E), logits.device)
+    tab, (has_bias, has_mask, has_boost, renorm_boost) = _device
     weights = torch.empty((T, k), dtype=weights_dtype(rule, logits.dtype), device=logits.device)
     indices = torch.empty((T, k), dtype=torch.int64, device=logits.device)
     if T == 0:
@@ -407,9 +399,10 @@ def masked_route_triton(logits: Tensor, rule, tables: LayerTables | None, force_
     if tables is None:
         return rule(logits)
     # the cached flags stand in for tables.is_neutral (four numpy reductions a call, per layer, per step)
-    _, (has_bias, has_mask, has_boost, _) = _device_tables(tables, logits.device)
+    device_tables = _device_tables(tables, logits.device)
+    has_bias, has_mask, has_boost, _ = device_tables[1]
     if not (has_bias or has_mask or has_boost):
         return rule(logits)
     if not isinstance(rule, _FAMILIES):
         return masked_route(logits, rule, tables, force_delta)
-    return route_kernel(logits, rule, tables, force_delta)
+    return route_kernel(logits, rule, tables, force_delta, _device=device_tables)

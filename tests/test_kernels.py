@@ -277,7 +277,8 @@ def test_weights_dtype_matches_reference(name):
     t = _tables(16, disable=[1])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         z = torch.randn(4, 16).to(dtype)
-        assert weights_dtype(rule, dtype) == masked_route(z, rule, t)[0].dtype == masked_route_triton(z, rule, t)[0].dtype
+        assert rule(z)[0].dtype == weights_dtype(rule, dtype) == masked_route(z, rule, t)[0].dtype \
+            == masked_route_triton(z, rule, t)[0].dtype
 
 
 # -- steered, continuous logits: equal to the reference ------------------------------------------------------------

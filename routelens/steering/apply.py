@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import ModelAdapter, adapt, router_output
+from ..adapters import ModelAdapter, adapt
 from ..errors import UnsupportedModelError
 from .spec import RoutingGeometry, SteeringSpec, SteeringTables
 
@@ -66,11 +66,14 @@ class SteeringHandle:
     calls: dict[int, int] = field(default_factory=dict)
 
 
+def _as_spec(spec: SteeringSpec | dict | str) -> SteeringSpec:
+    if isinstance(spec, SteeringSpec):
+        return spec
+    return SteeringSpec.from_dict(spec) if isinstance(spec, dict) else SteeringSpec.load(spec)
+
+
 def _resolve(model: nn.Module, spec: SteeringSpec | dict | str) -> tuple[SteeringSpec, ModelAdapter, SteeringTables]:
-    if isinstance(spec, dict):
-        spec = SteeringSpec.from_dict(spec)
-    elif not isinstance(spec, SteeringSpec):
-        spec = SteeringSpec.load(spec)
+    spec = _as_spec(spec)
     adapter = adapt(model)
     tables = spec.resolve(RoutingGeometry.of(adapter))
     if tables.layers and adapter.family == "generic":
@@ -95,8 +98,7 @@ def steer(model: nn.Module, spec: SteeringSpec | dict | str, *, backend: str = "
     from routelens.kernels import dispatch
 
     base = unwrap(model)
-    spec = spec if isinstance(spec, SteeringSpec) else (
-        SteeringSpec.from_dict(spec) if isinstance(spec, dict) else SteeringSpec.load(spec))
+    spec = _as_spec(spec)
     stack = list(getattr(base, STEERING_ATTR, None) or [])
     rules = tuple(r for d in stack for r in SteeringSpec.from_dict(d).rules) + spec.rules
     combined = SteeringSpec(rules=rules, force_delta=spec.force_delta, name=spec.name, source=spec.source)

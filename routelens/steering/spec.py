@@ -200,13 +200,6 @@ class SteeringTables:
     top_k: int
     force_delta: float
 
-    def stacked(self, moe_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """``[len(moe_layers), E]`` arrays (neutral rows for unsteered layers), for kernels and display."""
-        rows = [self.layers.get(l) or LayerTables.neutral(self.num_experts) for l in moe_layers]
-        return {"mask": np.stack([r.mask for r in rows]), "bias": np.stack([r.bias for r in rows]),
-                "bias_abs": np.stack([r.bias_abs for r in rows]), "boost": np.stack([r.boost for r in rows]),
-                "renormalize": np.array([r.renormalize for r in rows])}
-
 
 @dataclass(frozen=True)
 class SteeringSpec:
