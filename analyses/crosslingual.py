@@ -245,7 +245,7 @@ def _scoring(info: RunInfo, requested: str, sample: np.ndarray) -> str:
 class _Distributions:
     """Per-layer passage distributions [G, E] of one run in one mode (loaded one layer at a time)."""
 
-    def __init__(self, store, info: RunInfo, params: CrosslingualParams, seq_ids, seq_group, n_groups, layers):
+    def __init__(self, store, info: RunInfo, params: CrosslingualParams, seq_ids, seq_group, n_groups):
         self.store, self.info, self.params = store, info, params
         self.seq_ids, self.seq_group, self.n_groups = seq_ids, seq_group, n_groups
         handle = store.run(info.run_id)
@@ -316,7 +316,7 @@ def compute(store, runs: list[RunInfo], params: CrosslingualParams) -> dict[str,
     others = [lang for lang in langs if lang != ref]
     pairs_ref = {lang: aligned(ref, lang) for lang in others}
     pairs_all = {(a, b): aligned(a, b) for a, b in combinations(langs, 2)} if params.pairwise else {}
-    dists = _Distributions(store, info, params, seq_ids, seq_group, len(keys), layers)
+    dists = _Distributions(store, info, params, seq_ids, seq_group, len(keys))
 
     div_rows, pair_rows, spec_rows = [], [], []
     for layer in layers:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
+import types
 import typing
 from dataclasses import dataclass
 from typing import Callable
 
 from routelens.errors import InputError
 
-from .results import Result, load_result, save_result
+from .results import Result, ResultInfo, load_result, save_result
 
 __all__ = ["Analysis", "NAMES", "get", "run_analysis", "params_from_dict"]
 
@@ -53,7 +54,7 @@ def get(name: str) -> Analysis:
 def _coerce(value, hint, name: str):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -105,12 +106,7 @@ def run_analysis(store, name: str, runs, params=None, *, save: bool = True) -> R
 
     analysis = get(name)
     store = store if isinstance(store, Store) else Store.open(store, create=False)
-    infos = []
-    for r in runs if isinstance(runs, (list, tuple)) else [runs]:
-        info = getattr(r, "info", r)
-        if not hasattr(info, "run_id"):
-            info = store.run(r).info
-        infos.append(info)
+    infos = _run_infos(store, runs)
     if not analysis.min_runs <= len(infos) <= analysis.max_runs:
         want = (str(analysis.min_runs) if analysis.min_runs == analysis.max_runs
                 else f"{analysis.min_runs} to {analysis.max_runs}")
@@ -128,12 +124,18 @@ def run_analysis(store, name: str, runs, params=None, *, save: bool = True) -> R
     if save:
         info = save_result(store, name, infos, pdict, frames, seconds=seconds)
         return Result(info, frames)
-    from .results import ResultInfo
-
     return Result(ResultInfo(-1, name, tuple(i.run_id for i in infos), pdict, tuple(frames), None, seconds), frames)
 
 
 def stored(store, name: str, runs, params: dict | None = None) -> Result | None:
     """The newest stored result of ``name`` over ``runs``, or None (the dashboard reads results this way)."""
-    infos = [getattr(r, "info", r) for r in (runs if isinstance(runs, (list, tuple)) else [runs])]
-    return load_result(store, name, infos, params)
+    return load_result(store, name, _run_infos(store, runs), params)
+
+
+def _run_infos(store, runs) -> list:
+    """RunInfo of each of ``runs`` (RunInfo, RunHandle, run id, name or uuid; one or a list)."""
+    infos = []
+    for r in runs if isinstance(runs, (list, tuple)) else [runs]:
+        info = getattr(r, "info", r)
+        infos.append(info if hasattr(info, "run_id") else store.run(r).info)
+    return infos

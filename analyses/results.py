@@ -157,8 +157,6 @@ def list_results(store, run: RunInfo | None = None):
 def load_result(store, analysis: str, runs: list[RunInfo], params: dict | None = None, *,
                 parts: list[str] | None = None) -> Result | None:
     """The newest stored result of ``analysis`` over ``runs`` (with exactly ``params`` when given), or None."""
-    import polars as pl
-
     with session(store.path, read_only=True) as con:
         if not _has_catalog(con):
             return None
@@ -180,6 +178,4 @@ def load_result(store, analysis: str, runs: list[RunInfo], params: dict | None =
                 raise StoreError(f"result {rid} of {analysis} has no part {part!r} (parts: {list(stored_parts)})")
             frames[part] = con.sql(f"SELECT * EXCLUDE (result_id) FROM {table_name(analysis, part)} "
                                    "WHERE result_id = ?", params=[rid]).pl()
-            if frames[part].is_empty() and not len(frames[part].columns):
-                frames[part] = pl.DataFrame()
         return Result(info, frames)
