@@ -234,7 +234,10 @@ def cmd_analyze(args) -> int:
         for row in notes.iter_rows():
             print(f"routelens: note: {' '.join(str(v) for v in row)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(frame.to_dicts(), default=_json_default, ensure_ascii=False))
+        # NaN/inf (e.g. a balance value without logits) become null: JSON has no NaN, and json.dumps would write it
+        finite = frame.with_columns(pl.when(pl.col(c).is_finite()).then(pl.col(c)).alias(c)
+                                    for c, t in frame.schema.items() if t.is_float())
+        print(json.dumps(finite.to_dicts(), default=_json_default, ensure_ascii=False, allow_nan=False))
         return 0
     with pl.Config(tbl_rows=60, tbl_cols=16, fmt_str_lengths=40, tbl_width_chars=160):
         print(frame)
@@ -245,10 +248,6 @@ def cmd_analyze(args) -> int:
 
 
 def _json_default(obj):
-    import math
-
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
     if hasattr(obj, "isoformat"):
         return obj.isoformat()
     if hasattr(obj, "tolist"):

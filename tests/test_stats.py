@@ -311,3 +311,17 @@ def test_loads_one_layer_at_a_time(store, monkeypatch):
     assert asked and all(len(layers) == 1 for layers in asked)
     assert f["agreement"]["topk_overlap"].to_list() == [1.0, 1.0]
     assert f["load"].filter(layer=0)["n_tokens"].to_list() == [20, 20, 20, 20] * 2
+
+
+def test_cli_json_is_strict_json_without_logits(store, capsys):
+    # without router logits the balance value is NaN; --json must print null, not the non-JSON token NaN
+    info, *_ = _planted(store, name="nologits", logits=False)
+    code = main(["analyze", "stats", "--db", str(store.path), "--run", str(info.run_id), "--json", "--no-save"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+
+    def refuse(token):
+        raise ValueError(f"non-JSON constant {token}")
+
+    rows = json.loads(out, parse_constant=refuse)
+    assert rows and all(r["lb_value"] is None for r in rows)
