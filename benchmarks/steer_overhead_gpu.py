@@ -34,20 +34,8 @@ from kernels_alias import alias_kernels  # noqa: E402
 
 alias_kernels()
 
+from olmoe_shape import build  # noqa: E402
 from routelens.steering import steer  # noqa: E402
-
-
-def build(layers: int, device: str = "cuda", hidden: int = 2048):
-    """The OLMoE-1B-7B shape of ``benchmarks/trace_overhead_gpu.py::build`` (not imported: that module needs duckdb)."""
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                      max_position_embeddings=4096, pad_token_id=1, eos_token_id=0, bos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = OlmoeForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
 
 
 FULL_SPEC = {"rules": [{"layers": "all", "experts": [5], "action": "force"},

@@ -27,22 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from olmoe_shape import build  # noqa: E402
 from routelens.adapters import adapt  # noqa: E402
 from routelens.store import Store  # noqa: E402
 from routelens.tracer.driver import TraceOptions, run_meta  # noqa: E402
 from routelens.tracer.hooks import RoutingRecorder  # noqa: E402
-
-
-def build(layers: int):
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                      max_position_embeddings=4096, pad_token_id=1, eos_token_id=0, bos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = OlmoeForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
 
 
 def rss_mib() -> float:
