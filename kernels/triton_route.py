@@ -59,12 +59,27 @@ def triton_available() -> bool:
 # Shared device functions
 # ---------------------------------------------------------------------------------------------------------------
 
+_TAKEN = tl.constexpr(-2147483648)  # int32 min: below every selection key (the key of -inf is above it)
+_TAKEN64 = tl.constexpr(-9223372036854775807)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
 def _exp(x, PRECISE: tl.constexpr):
     if PRECISE:
         return libdevice.exp(x)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def _sum_exp(x, mx, PRECISE: tl.constexpr):
+    """Row sums of ``exp(x - mx)``: the softmax denominator. On the GPU through ``ex2.approx`` (2 ulp), which no
+    selection depends on; each selected numerator is recomputed with the IEEE ``expf``."""
+    if PRECISE:
+        return tl.sum(tl.math.exp2((x - mx[:, None]) * _LOG2E), 1)
+    else:
+        return tl.sum(tl.exp(x - mx[:, None]), 1)
 
 
 @triton.jit
@@ -78,7 +93,7 @@ def _tile(T, E, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
 def _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
                     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, LOGIT_MASK: tl.constexpr):
     """float32 ``z' = z + b + b_abs·|z|``; logit-domain families also get force (row max + δ) and disable (-inf).
-    Padding columns are -inf. Returns ``(z', mask)`` (mask: -1/0/+1 as float32)."""
+    Padding columns are -inf. Returns ``(z', mask, row max before masking)`` (mask: -1/0/+1 as float32)."""
     ok = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None].to(tl.int64) * stride_t + cols[None, :]
     z = tl.load(logits_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -88,87 +103,216 @@ def _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, 
         z = (z + b[None, :]) + b_abs[None, :] * tl.abs(z)
     z = tl.where(col_ok[None, :], z, -float("inf"))
     mask = tl.load(tabs_ptr + _MASK * E + cols, mask=col_ok, other=0.0)
+    row_max = tl.max(z, 1)  # before disabling, as the reference (and SteerMoE's max over all experts)
     if HAS_MASK and LOGIT_MASK:
-        row_max = tl.max(z, 1)  # before disabling, as the reference (and SteerMoE's max over all experts)
         z = tl.where(mask[None, :] > 0, row_max[:, None] + force_delta, z)
         z = tl.where(mask[None, :] < 0, -float("inf"), z)
-    return z, mask
+    return z, mask, row_max
 
 
 @triton.jit
-def _topk(key, avail, val, cols, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr,
-          K_PAD: tl.constexpr, GATHER: tl.constexpr):
-    """k rounds of argmax over ``key`` where ``avail``; ties -> lowest column. Returns ``[BLOCK_T, K_PAD]`` tiles of
-    the chosen columns, their keys, and (``GATHER``) ``val`` at those columns."""
-    kcols = tl.arange(0, K_PAD)
-    sel_i = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    sel_k = tl.full([BLOCK_T, K_PAD], -float("inf"), dtype=tl.float32)
-    sel_v = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    key = tl.where(avail, key, -float("inf"))
+def _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, LOGIT_MASK: tl.constexpr):
+    """``z'`` of ``_steered_logits`` at the selected columns ``sel`` ([rows, slots]), recomputed from the logits
+    with the same float32 operations, hence bit-identical (the selection keys keep only its top bits)."""
+    z = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + sel, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(tabs_ptr + _BIAS * E + sel, mask=ok, other=0.0)
+        b_abs = tl.load(tabs_ptr + _BIAS_ABS * E + sel, mask=ok, other=0.0)
+        z = (z + b) + b_abs * tl.abs(z)
+    if HAS_MASK and LOGIT_MASK:
+        mask = tl.load(tabs_ptr + _MASK * E + sel, mask=ok, other=0.0)
+        z = tl.where(mask > 0, row_max[:, None] + force_delta, z)
+        z = tl.where(mask < 0, -float("inf"), z)
+    return z
+
+
+@triton.jit
+def _order_bits(x):
+    """float32 -> int32 in the same order (-0.0 counted as +0.0, as a float comparison sees them)."""
+    b = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _ce(a, b):
+    return tl.maximum(a, b), tl.minimum(a, b)
+
+
+@triton.jit
+def _sorted_chunks(key, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    """Each run of 8 adjacent columns (one thread's registers after a 16-byte load) sorted descending by Knuth's
+    19-comparator network: eight ``[BLOCK_T, E_PAD // 8]`` tensors, rank 0 first."""
+    h = tl.reshape(key, [BLOCK_T, E_PAD // 8, 2, 2, 2])
+    a, b = tl.split(h)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    c0, c1 = tl.split(a0)
+    c2, c3 = tl.split(a1)
+    c4, c5 = tl.split(b0)
+    c6, c7 = tl.split(b1)
+    c0, c2 = _ce(c0, c2)
+    c1, c3 = _ce(c1, c3)
+    c4, c6 = _ce(c4, c6)
+    c5, c7 = _ce(c5, c7)
+    c0, c4 = _ce(c0, c4)
+    c1, c5 = _ce(c1, c5)
+    c2, c6 = _ce(c2, c6)
+    c3, c7 = _ce(c3, c7)
+    c0, c1 = _ce(c0, c1)
+    c2, c3 = _ce(c2, c3)
+    c4, c5 = _ce(c4, c5)
+    c6, c7 = _ce(c6, c7)
+    c2, c4 = _ce(c2, c4)
+    c3, c5 = _ce(c3, c5)
+    c1, c4 = _ce(c1, c4)
+    c3, c6 = _ce(c3, c6)
+    c1, c2 = _ce(c1, c2)
+    c3, c4 = _ce(c3, c4)
+    c5, c6 = _ce(c5, c6)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _select_exact(score, top, cols, col_ok, BLOCK_T: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
+                  HAS_TOP: tl.constexpr):
+    """k rounds of a 64-bit max over (order bits of ``score`` << 32 | ~column): exact, ties -> lower column;
+    ``top`` columns first. ``[BLOCK_T, SLOTS]`` int32 columns (slots >= k unused)."""
+    okey = _order_bits(score)
+    if HAS_TOP:
+        okey = tl.where(top, 0x7FFFFFFF, okey)
+    low = tl.where(col_ok, 0x7FFFFFFF - cols, 0).to(tl.int64)
+    key = (okey.to(tl.int64) << 32) | low[None, :]
+    slot = tl.arange(0, SLOTS)
+    sel = tl.zeros([BLOCK_T, SLOTS], dtype=tl.int32)
     for j in tl.static_range(K):
         m = tl.max(key, 1)
-        i = tl.min(tl.where(avail & (key == m[:, None]), cols[None, :], E_PAD), 1)
-        pick = cols[None, :] == i[:, None]
-        avail = avail & (~pick)
-        key = tl.where(pick, -float("inf"), key)
-        here = kcols[None, :] == j
-        sel_i = tl.where(here, i[:, None], sel_i)
-        sel_k = tl.where(here, m[:, None], sel_k)
-        if GATHER:
-            v = tl.sum(tl.where(pick, val, 0.0), 1)
-            sel_v = tl.where(here, v[:, None], sel_v)
-    return sel_i, sel_k, sel_v
+        key = tl.where(key == m[:, None], _TAKEN64, key)
+        c = 0x7FFFFFFF - (m & 0x7FFFFFFF).to(tl.int32)
+        sel = tl.where(slot[None, :] == j, c[:, None], sel)
+    return sel
+
+
+@triton.jit
+def _select(score, top, row_ok, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr,
+            SLOTS: tl.constexpr, CB: tl.constexpr, HAS_TOP: tl.constexpr):
+    """Columns of the k largest ``score`` per row, ranked, ties -> lower column; ``top`` columns (forced experts,
+    all of equal score) first in column order. Returns ``[BLOCK_T, SLOTS]`` int32 (slots >= k unused).
+
+    Fast path, 32-bit: key = order bits of the score with its low ``CB`` bits replaced by ``2^CB - 1 - column``.
+    Each thread sorts its 8 adjacent keys in registers, then k rounds take the best chunk head (one warp
+    reduction) and shift that chunk. The keys are exact when every score's low CB bits are zero (bf16/fp16 logits,
+    biases with few significant bits); otherwise only two scores agreeing in all other bits can be misordered, so
+    a row whose k+1 best keys have pairwise distinct high bits is exact too. Blocks with a row that is neither
+    (fp32 near-ties) are redone by ``_select_exact``.
+    """
+    LOW: tl.constexpr = (1 << CB) - 1
+    TOP_HIGH: tl.constexpr = 0x7FFFFFFF & ~LOW
+    bits = _order_bits(score)
+    low = tl.where(col_ok, LOW - cols, 0)
+    key = (bits & ~LOW) | low[None, :]
+    lossy = (score.to(tl.int32, bitcast=True) & LOW) != 0  # ±inf and bf16 values have zero low bits
+    if HAS_TOP:
+        key = tl.where(top, TOP_HIGH | low[None, :], key)
+        lossy = lossy & ~top
+    row_lossy = tl.max(lossy.to(tl.int32), 1)
+    h0, h1, h2, h3, h4, h5, h6, h7 = _sorted_chunks(key, BLOCK_T, E_PAD)
+    slot = tl.arange(0, SLOTS)
+    sel = tl.zeros([BLOCK_T, SLOTS], dtype=tl.int32)
+    clash = tl.zeros([BLOCK_T], dtype=tl.int32)
+    prev = tl.max(h0, 1)
+    for j in tl.static_range(K):
+        m = tl.max(h0, 1)
+        if j > 0:  # equal high bits; forced experts are equal by construction
+            clash = clash | ((((m ^ prev) & ~LOW) == 0) & ((m & ~LOW) != TOP_HIGH)).to(tl.int32)
+        prev = m
+        win = h0 == m[:, None]
+        h0 = tl.where(win, h1, h0)
+        h1 = tl.where(win, h2, h1)
+        h2 = tl.where(win, h3, h2)
+        h3 = tl.where(win, h4, h3)
+        h4 = tl.where(win, h5, h4)
+        h5 = tl.where(win, h6, h5)
+        h6 = tl.where(win, h7, h6)
+        h7 = tl.where(win, _TAKEN, h7)
+        sel = tl.where(slot[None, :] == j, LOW - (m & LOW)[:, None], sel)
+    nxt = tl.max(h0, 1)
+    clash = clash | ((((nxt ^ prev) & ~LOW) == 0) & (nxt != _TAKEN)).to(tl.int32)
+    if tl.max(clash & row_lossy & row_ok.to(tl.int32), 0) != 0:
+        sel = _select_exact(score, top, cols, col_ok, BLOCK_T, K, SLOTS, HAS_TOP)
+    return sel
 
 
 @triton.jit
 def _group_keep(score, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, PER_GROUP: tl.constexpr,
-                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOP2: tl.constexpr):
-    """Columns of the ``TOPK_GROUP`` best groups; group score = sum of its top-2 (``TOP2``, DeepSeek-V3) or its max
-    (DeepSeek-V2). Ties between groups -> lowest group index."""
-    gid = cols // PER_GROUP
+                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOP2: tl.constexpr,
+                RESHAPE: tl.constexpr):
+    """``score`` with the columns outside the ``TOPK_GROUP`` best groups set to -inf; group score = sum of its two
+    best (``TOP2``, DeepSeek-V3) or its max (DeepSeek-V2). Ties between groups -> lower group index.
+    ``RESHAPE``: groups are power-of-two runs filling ``E_PAD`` (DeepSeek-V3: 8 x 32), scored in one pass over a
+    ``[rows, groups, per group]`` view; otherwise one masked pass per group."""
     gcols = tl.arange(0, G_PAD)
-    gs = tl.full([BLOCK_T, G_PAD], -float("inf"), dtype=tl.float32)
-    for g in tl.static_range(N_GROUP):
-        in_g = (gid == g) & col_ok
-        sg = tl.where(in_g[None, :], score, -float("inf"))
-        m1 = tl.max(sg, 1)
+    if RESHAPE:
+        s3 = tl.reshape(score, [BLOCK_T, G_PAD, E_PAD // G_PAD])
+        m1 = tl.max(s3, 2)
         if TOP2:
-            i1 = tl.min(tl.where(in_g[None, :] & (sg == m1[:, None]), cols[None, :], E_PAD), 1)
-            m2 = tl.max(tl.where(cols[None, :] == i1[:, None], -float("inf"), sg), 1)
-            v = m1 + m2
+            at_max = s3 == m1[:, :, None]
+            n_max = tl.sum(at_max.to(tl.int32), 2)
+            m2 = tl.where(n_max > 1, m1, tl.max(tl.where(at_max, -float("inf"), s3), 2))
+            gs = m1 + m2
         else:
-            v = m1
-        gs = tl.where(gcols[None, :] == g, v[:, None], gs)
-    gavail = tl.broadcast_to(gcols[None, :] < N_GROUP, (BLOCK_T, G_PAD))
-    gs = tl.where(gavail, gs, -float("inf"))
-    kept = tl.broadcast_to(cols[None, :] < 0, (BLOCK_T, E_PAD))
+            gs = m1
+    else:
+        gid = cols // PER_GROUP
+        gs = tl.full([BLOCK_T, G_PAD], -float("inf"), dtype=tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_g = (gid == g) & col_ok
+            sg = tl.where(in_g[None, :], score, -float("inf"))
+            m1 = tl.max(sg, 1)
+            if TOP2:
+                i1 = tl.min(tl.where(in_g[None, :] & (sg == m1[:, None]), cols[None, :], E_PAD), 1)
+                m2 = tl.max(tl.where(cols[None, :] == i1[:, None], -float("inf"), sg), 1)
+                v = m1 + m2
+            else:
+                v = m1
+            gs = tl.where(gcols[None, :] == g, v[:, None], gs)
+    gkey = (_order_bits(gs).to(tl.int64) << 32) | (G_PAD - 1 - gcols)[None, :].to(tl.int64)
+    gkey = tl.where(gcols[None, :] < N_GROUP, gkey, _TAKEN64)
+    kept = gcols[None, :] < 0
     for j in tl.static_range(TOPK_GROUP):
-        m = tl.max(gs, 1)
-        gi = tl.min(tl.where(gavail & (gs == m[:, None]), gcols[None, :], G_PAD), 1)
-        gpick = gcols[None, :] == gi[:, None]
-        gavail = gavail & (~gpick)
-        gs = tl.where(gpick, -float("inf"), gs)
-        kept = kept | (gid[None, :] == gi[:, None])
-    return kept
+        m = tl.max(gkey, 1)
+        pick = gkey == m[:, None]
+        kept = kept | pick
+        gkey = tl.where(pick, _TAKEN64, gkey)
+    if RESHAPE:
+        s3 = tl.where(kept[:, :, None], tl.reshape(score, [BLOCK_T, G_PAD, E_PAD // G_PAD]), -float("inf"))
+        return tl.reshape(s3, [BLOCK_T, E_PAD])
+    else:
+        gid = cols // PER_GROUP
+        keep = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32) != 0
+        for g in tl.static_range(N_GROUP):
+            kg = tl.max(tl.where(gcols[None, :] == g, kept.to(tl.int32), 0), 1)
+            keep = keep | ((gid[None, :] == g) & (kg[:, None] != 0))
+        return tl.where(keep, score, -float("inf"))
 
 
 @triton.jit
-def _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K: tl.constexpr, K_PAD: tl.constexpr,
+def _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K: tl.constexpr, SLOTS: tl.constexpr,
             HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr):
     """``w *= boost[i]`` (renormalised to the old row sum if asked), cast, store ``[T, K]`` weights and int64 ids."""
-    kcols = tl.arange(0, K_PAD)
-    ok = row_ok[:, None] & (kcols[None, :] < K)
+    slot = tl.arange(0, SLOTS)
+    ok = row_ok[:, None] & (slot[None, :] < K)
     w = tl.where(ok, w, 0.0)
     if HAS_BOOST:
-        factor = tl.load(tabs_ptr + _BOOST * E + sel_i, mask=ok, other=1.0)
+        factor = tl.load(tabs_ptr + _BOOST * E + sel, mask=ok, other=1.0)
         boosted = w * factor
         if RENORM_BOOST:
             ratio = tl.math.div_rn(tl.sum(w, 1), tl.sum(boosted, 1))
             boosted = boosted * ratio[:, None]
         w = boosted
-    offs = rows[:, None].to(tl.int64) * K + kcols[None, :]
+    offs = rows[:, None].to(tl.int64) * K + slot[None, :]
     tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=ok)
-    tl.store(idx_ptr + offs, sel_i.to(tl.int64), mask=ok)
+    tl.store(idx_ptr + offs, sel.to(tl.int64), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,36 +321,38 @@ def _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K: tl.constexpr
 
 @triton.jit
 def _softmax_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta,
-                         K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOOST: tl.constexpr,
-                         RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr, PRECISE: tl.constexpr):
+                         K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                         CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                         HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
+                         PRECISE: tl.constexpr):
     """``SoftmaxTopK``: p = softmax(z'); top-k of p (selected on z'); w = p / Σp if RENORM."""
     rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
-    z, mask = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                              HAS_BIAS, HAS_MASK, True)
-    mx = tl.max(z, 1)
-    denom = tl.sum(_exp(z - mx[:, None], PRECISE), 1)
-    avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
-    sel_i, sel_k, _ = _topk(z, avail, z, cols, BLOCK_T, E_PAD, K, K_PAD, False)
-    w = tl.math.div_rn(_exp(sel_k - mx[:, None], PRECISE), denom[:, None])
+    z, mask, row_max = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
+                                       HAS_BIAS, HAS_MASK, True)
+    if HAS_FORCE:  # δ > 0: the forced experts hold the row max, and are the first picks (in column order)
+        mx = row_max + force_delta
+    else:
+        mx = tl.max(z, 1)
+    denom = _sum_exp(z, mx, PRECISE)
+    sel = _select(z, mask[None, :] > 0, row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB, HAS_FORCE)
+    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS, HAS_MASK,
+                     True)
+    w = tl.where(ok, tl.math.div_rn(_exp(zs - mx[:, None], PRECISE), denom[:, None]), 0.0)
     if RENORM:
-        kok = tl.arange(0, K_PAD)[None, :] < K
-        w = tl.math.div_rn(w, tl.sum(tl.where(kok, w, 0.0), 1)[:, None])
-    _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, K_PAD, HAS_BOOST, RENORM_BOOST)
+        w = tl.math.div_rn(w, tl.sum(w, 1)[:, None])
+    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
 
 
 @triton.jit
-def _deepseek_v3_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
-                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOOST: tl.constexpr,
-                        RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr, PRECISE: tl.constexpr,
-                        PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                        G_PAD: tl.constexpr):
-    """``DeepseekV3Rule``: s = sigmoid(z'); c = s + corr (±inf forced/disabled); group-limited top-k of c;
-    w = s[i] / (Σ s[i] + 1e-20) if RENORM; w *= scaling."""
-    rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
-    z, mask = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                              HAS_BIAS, HAS_MASK, False)
+def _v3_choice(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, corr_ptr, E, force_delta,
+               BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+               PRECISE: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+               G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
+    """DeepSeek-V3 choice scores: sigmoid(z') + correction bias, ±inf at forced/disabled, -inf outside the kept
+    groups (the rule's ``masked_fill``)."""
+    z, mask, _ = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
+                                 HAS_BIAS, HAS_MASK, False)
     s = tl.math.div_rn(1.0, 1.0 + _exp(-z, PRECISE))  # PyTorch CUDA sigmoid: 1 / (1 + expf(-x))
     corr = tl.load(corr_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     c = s + corr[None, :]
@@ -214,72 +360,97 @@ def _deepseek_v3_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr
         c = tl.where(mask[None, :] > 0, float("inf"), tl.where(mask[None, :] < 0, -float("inf"), c))
     c = tl.where(col_ok[None, :], c, -float("inf"))
     if N_GROUP > 1:
-        kept = _group_keep(c, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, True)
-        c = tl.where(kept, c, -float("inf"))
-    avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
-    sel_i, _, w = _topk(c, avail, s, cols, BLOCK_T, E_PAD, K, K_PAD, True)
+        c = _group_keep(c, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, True, RESHAPE)
+    return c
+
+
+@triton.jit
+def _deepseek_v3_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
+                        K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                        CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                        HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
+                        PRECISE: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
+                        TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
+    """``DeepseekV3Rule``: s = sigmoid(z'); c = s + corr (±inf forced/disabled); group-limited top-k of c;
+    w = s[i] / (Σ s[i] + 1e-20) if RENORM; w *= scaling."""
+    rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
+    c = _v3_choice(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, corr_ptr, E, force_delta, BLOCK_T,
+                   E_PAD, HAS_BIAS, HAS_MASK, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
+    sel = _select(c, c > 0, row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB, False)  # forced: +inf, exact
+    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, None, force_delta, HAS_BIAS, HAS_MASK, False)
+    w = tl.where(ok, tl.math.div_rn(1.0, 1.0 + _exp(-zs, PRECISE)), 0.0)
     if RENORM:
-        kok = tl.arange(0, K_PAD)[None, :] < K
-        w = tl.math.div_rn(w, (tl.sum(tl.where(kok, w, 0.0), 1) + 1e-20)[:, None])
+        w = tl.math.div_rn(w, (tl.sum(w, 1) + 1e-20)[:, None])
     w = w * scaling
-    _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, K_PAD, HAS_BOOST, RENORM_BOOST)
+    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
 
 
 @triton.jit
 def _deepseek_v2_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
-                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOOST: tl.constexpr,
-                        RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr, GROUPED: tl.constexpr,
-                        PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                        G_PAD: tl.constexpr):
+                        K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                        CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                        HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr,
+                        GROUPED: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
+                        TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
     """``DeepseekV2Rule``: p = softmax(z'); greedy or group-limited (group score = max p) top-k; w = p·scaling."""
     rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
-    z, mask = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                              HAS_BIAS, HAS_MASK, True)
-    mx = tl.max(z, 1)
-    denom = tl.sum(_exp(z - mx[:, None], PRECISE), 1)
+    z, mask, row_max = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
+                                       HAS_BIAS, HAS_MASK, True)
+    if HAS_FORCE:
+        mx = row_max + force_delta
+    else:
+        mx = tl.max(z, 1)
+    denom = _sum_exp(z, mx, PRECISE)
     key = z
     if GROUPED:
-        kept = _group_keep(z, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, False)
-        key = tl.where(kept, z, -float("inf"))
-    avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
-    sel_i, sel_k, _ = _topk(key, avail, z, cols, BLOCK_T, E_PAD, K, K_PAD, False)
-    w = tl.math.div_rn(_exp(sel_k - mx[:, None], PRECISE), denom[:, None]) * scaling
-    _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, K_PAD, HAS_BOOST, RENORM_BOOST)
+        key = _group_keep(z, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, False, RESHAPE)
+    # a forced expert in a dropped group is -inf there, not first
+    sel = _select(key, (mask[None, :] > 0) & (key == z), row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB,
+                  HAS_FORCE)
+    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS, HAS_MASK,
+                     True)
+    w = tl.where(ok, tl.math.div_rn(_exp(zs - mx[:, None], PRECISE), denom[:, None]) * scaling, 0.0)
+    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
 
 
 @triton.jit
 def _gpt_oss_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta,
-                    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOOST: tl.constexpr,
-                    RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr):
+                    K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                    CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                    HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr):
     """``GptOssRule``: top-k of z'; w = softmax over the k selected logits."""
     rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
-    z, mask = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                              HAS_BIAS, HAS_MASK, True)
-    avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
-    sel_i, sel_k, _ = _topk(z, avail, z, cols, BLOCK_T, E_PAD, K, K_PAD, False)
-    e = _exp(sel_k - tl.max(sel_k, 1)[:, None], PRECISE)  # padding slots are -inf -> 0
+    z, mask, row_max = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
+                                       HAS_BIAS, HAS_MASK, True)
+    sel = _select(z, mask[None, :] > 0, row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB, HAS_FORCE)
+    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS, HAS_MASK,
+                     True)
+    zs = tl.where(ok, zs, -float("inf"))
+    e = _exp(zs - tl.max(zs, 1)[:, None], PRECISE)  # unused slots are -inf -> 0
     w = tl.math.div_rn(e, tl.sum(e, 1)[:, None])
-    _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, K_PAD, HAS_BOOST, RENORM_BOOST)
+    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
 
 
 @triton.jit
 def _sparsemixer_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, jitter2,
-                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOOST: tl.constexpr,
-                        RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr):
+                        K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                        CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                        HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr):
     """``SparseMixerRule``: round j: t = max(m), i = argmax(m); drop = (t - z)/max(|z|, t) > 2ε (vs the original
-    z'); w_j = softmax(m with drop -> -inf)[i]; m[i] = -inf."""
+    z'); w_j = softmax(m with drop -> -inf)[i]; m[i] = -inf. Each round needs the whole row (the drop mask
+    depends on t), so this family keeps k full-row rounds."""
     rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
-    z, mask = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                              HAS_BIAS, HAS_MASK, True)
+    z, mask, row_max = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
+                                       HAS_BIAS, HAS_MASK, True)
     abs_z = tl.abs(z)
     masked = z
     avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
-    kcols = tl.arange(0, K_PAD)
-    sel_i = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    slot = tl.arange(0, SLOTS)
+    sel = tl.zeros([BLOCK_T, SLOTS], dtype=tl.int32)
+    w = tl.zeros([BLOCK_T, SLOTS], dtype=tl.float32)
     for j in tl.static_range(K):
         t = tl.max(masked, 1)
         i = tl.min(tl.where(avail & (masked == t[:, None]), cols[None, :], E_PAD), 1)
@@ -291,10 +462,10 @@ def _sparsemixer_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
         pick = cols[None, :] == i[:, None]
         avail = avail & (~pick)
         masked = tl.where(pick, -float("inf"), masked)
-        here = kcols[None, :] == j
-        sel_i = tl.where(here, i[:, None], sel_i)
+        here = slot[None, :] == j
+        sel = tl.where(here, i[:, None], sel)
         w = tl.where(here, wj[:, None], w)
-    _finish(w, sel_i, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, K_PAD, HAS_BOOST, RENORM_BOOST)
+    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,18 +477,25 @@ _FAMILIES = (SoftmaxTopK, DeepseekV3Rule, DeepseekV2Rule, GptOssRule, SparseMixe
 
 def launch_config(num_experts: int, num_tokens: int, block_rows: int | None = None,
                   num_warps: int | None = None) -> tuple[int, int, int]:
-    """``(E_PAD, BLOCK_T, num_warps)``: about 2k elements of the ``[BLOCK_T, E_PAD]`` tile per program."""
-    e_pad = triton.next_power_of_2(max(num_experts, 2))
+    """``(E_PAD, BLOCK_T, num_warps)``: about 1k elements of the ``[BLOCK_T, E_PAD]`` tile per program, 16 per
+    thread (two 16-byte loads of bf16); E is padded to a power of two, at least one chunk of 8."""
+    e_pad = triton.next_power_of_2(max(num_experts, 8))
     if block_rows is None:
-        block_rows = max(1, min(64, 2048 // e_pad))
+        block_rows = max(1, min(64, 1024 // e_pad))
     block_rows = max(1, min(block_rows, triton.next_power_of_2(max(num_tokens, 1))))
     if num_warps is None:
-        num_warps = 4 if block_rows * e_pad >= 1024 else (2 if block_rows * e_pad >= 256 else 1)
+        num_warps = max(1, min(4, block_rows * e_pad // 512))
     return e_pad, block_rows, num_warps
 
 
-def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, tuple[bool, bool, bool, bool]]:
-    """The packed ``[4, E]`` float32 table on ``device`` and (has_bias, has_mask, has_boost, renormalize).
+def _groups_fill(E: int, e_pad: int, n_group: int) -> bool:
+    """Groups are equal power-of-two runs that fill the padded row (DeepSeek-V3: 256 = 8 x 32): one-pass scoring."""
+    return E == e_pad and n_group == triton.next_power_of_2(n_group) and e_pad % n_group == 0
+
+
+def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, tuple[bool, ...]]:
+    """The packed ``[4, E]`` float32 table on ``device`` and (has_bias, has_mask, has_boost, renormalize,
+    has_force).
 
     Cached on the tables object: a steered model routes every forward with the same tables, and copying a pageable
     numpy array to the GPU would synchronise the stream once per layer. The cache is keyed on the table bytes, so
@@ -331,7 +509,8 @@ def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, t
     packed = np.stack([tables.mask.astype(np.float32), tables.bias.astype(np.float32),
                        tables.bias_abs.astype(np.float32), tables.boost.astype(np.float32)])
     tab = torch.from_numpy(np.ascontiguousarray(packed)).to(device)
-    flags = (tables.has_bias, tables.has_mask, tables.has_boost, bool(tables.renormalize))
+    flags = (tables.has_bias, tables.has_mask, tables.has_boost, bool(tables.renormalize),
+             bool((tables.mask > 0).any()))
     tables.__dict__[_CACHE_ATTR] = (key, tab, flags)
     return tab, flags
 
@@ -353,15 +532,18 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     k = rule.k
     if _device is None:  # masked_route_triton passes the tables it already looked up
         _device = _device_tables(tables if tables is not None else LayerTables.neutral(E), logits.device)
-    tab, (has_bias, has_mask, has_boost, renorm_boost) = _device
+    tab, (has_bias, has_mask, has_boost, renorm_boost, has_force) = _device
     weights = torch.empty((T, k), dtype=weights_dtype(rule, logits.dtype), device=logits.device)
     indices = torch.empty((T, k), dtype=torch.int64, device=logits.device)
     if T == 0:
         return weights, indices
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
     grid = (triton.cdiv(T, block_t),)
-    common = dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BLOCK_T=block_t, HAS_BIAS=has_bias,
-                  HAS_MASK=has_mask, HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost,
+    # slots: the k picks laid out like the chunk heads (one per thread) when there are at least k chunks
+    common = dict(K=k, SLOTS=max(e_pad // 8, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=block_t,
+                  CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask,
+                  HAS_FORCE=has_force and force_delta > 0, HAS_BOOST=has_boost,
+                  RENORM_BOOST=has_boost and renorm_boost,
                   PRECISE=_PRECISE if precise is None else (precise and not _INTERPRET), num_warps=warps,
                   enable_fp_fusion=False)
     fd = float(force_delta)
@@ -376,14 +558,16 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         _deepseek_v3_kernel[grid](logits, logits.stride(0), tab, corr.contiguous(), weights, indices, T, E, fd,
                                   float(rule.scaling), RENORM=bool(rule.renormalize), PER_GROUP=E // n_group,
                                   N_GROUP=n_group, TOPK_GROUP=int(rule.topk_group),
-                                  G_PAD=triton.next_power_of_2(n_group), **common)
+                                  G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group),
+                                  **common)
     elif isinstance(rule, DeepseekV2Rule):
         grouped = rule.method == "group_limited_greedy"
         n_group = int(rule.n_group) if grouped else 1
         _deepseek_v2_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd, float(rule.scaling),
                                   GROUPED=grouped, PER_GROUP=E // n_group, N_GROUP=n_group,
                                   TOPK_GROUP=int(rule.topk_group) if grouped else 1,
-                                  G_PAD=triton.next_power_of_2(n_group), **common)
+                                  G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group),
+                                  **common)
     elif isinstance(rule, GptOssRule):
         _gpt_oss_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd, **common)
     else:
@@ -400,7 +584,7 @@ def masked_route_triton(logits: Tensor, rule, tables: LayerTables | None, force_
         return rule(logits)
     # the cached flags stand in for tables.is_neutral (four numpy reductions a call, per layer, per step)
     device_tables = _device_tables(tables, logits.device)
-    has_bias, has_mask, has_boost, _ = device_tables[1]
+    has_bias, has_mask, has_boost = device_tables[1][:3]
     if not (has_bias or has_mask or has_boost):
         return rule(logits)
     if not isinstance(rule, _FAMILIES):

@@ -281,6 +281,79 @@ def test_weights_dtype_matches_reference(name):
             == masked_route_triton(z, rule, t)[0].dtype
 
 
+# -- the two selection paths: 32-bit keys (exact when the low bits are zero or the top k+1 differ above them) and
+#    the 64-bit rounds that redo a block with float32 near-ties -------------------------------------------------------
+
+def _near_tie_logits(T, E, k, seed):
+    """float32 rows of distinct values where, in every other row, ranks k-1/k and 0/1 are a pair one ulp apart with
+    the larger value on the HIGHER column: a key that dropped the low bits would pick the wrong one of each pair."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.stack([torch.randperm(E, generator=g) for _ in range(T)]).float() * 0.37 - 3.0
+    for r in range(0, T, 2):
+        order = torch.argsort(z[r], descending=True)
+        for a, b in ((0, 1), (k - 1, k)):
+            lo_col, hi_col = sorted((int(order[a]), int(order[b])))
+            v = z[r, order[a]]
+            z[r, lo_col] = v
+            z[r, hi_col] = torch.nextafter(v, torch.tensor(float("inf")))
+    return z
+
+
+@interp
+@pytest.mark.parametrize("name", ["softmax_renorm", "deepseek_v2_greedy", "gpt_oss"])
+def test_float32_near_ties_take_the_exact_path(name):
+    from routelens.kernels.triton_route import route_kernel
+
+    E, k = 32, 3
+    rule = RULES[name](E)
+    z = _near_tie_logits(16, E, k, seed=5)
+    w, i = route_kernel(z, rule, None, block_rows=2)  # blocks of a near-tie row and a plain one
+    rw, ri = rule(z)
+    _assert_same(name, w, i, rw, ri)
+    t = _tables(E, disable=[int(z[1].argmax())], boost={0: 2.0})
+    from routelens.kernels.reference import masked_route
+
+    _assert_same(name, *route_kernel(z, rule, t, block_rows=4), *masked_route(z, rule, t))
+
+
+@interp
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 8), (64, 10), (256, 8)])
+def test_shapes_padding_and_more_picks_than_a_chunk_holds(E, k):
+    """E below one chunk of 8 (padding), k = E, k > 8 (a chunk can be used up), the DeepSeek-V3 width."""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    for rule, name in ((SoftmaxTopK(k, True), "softmax_renorm"), (GptOssRule(k), "gpt_oss")):
+        z = _distinct_logits(8, E, torch.bfloat16, seed=E + k)
+        _assert_same(name, *route_kernel(z, rule, None), *rule(z), rtol=8e-3, atol=1e-3)
+        z = torch.randint(-3, 3, (8, E)).float()  # many exact ties: lower index first
+        t = _tables(E, force=[E - 1], boost={0: 3.0})
+        w, i = route_kernel(z, rule, t)
+        rw, ri = masked_route(z, rule, t)
+        want = torch.sort(-steered_keys(z, t), dim=1, stable=True).indices[:, :k]
+        assert torch.equal(i, want), (E, k, i, want)
+
+
+def steered_keys(z, t, delta=0.01):
+    from routelens.kernels.reference import steered_scores
+
+    return steered_scores(z, SoftmaxTopK(2, True), t, delta)[0]
+
+
+@interp
+def test_deepseek_groups_not_filling_a_power_of_two():
+    """DeepSeek-V2 (160 experts in 8 groups of 20) takes the per-group pass; V3-like 8 x 32 the one-pass view."""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    for E, rule, name in ((160, DeepseekV2Rule(6, "group_limited_greedy", 8, 3, 16.0), "deepseek_v2_grouped"),
+                          (256, DeepseekV3Rule(8, 8, 4, True, 2.5, torch.linspace(-0.1, 0.1, 256)), "deepseek_v3")):
+        z = _distinct_logits(16, E, torch.float32, seed=E)
+        t = _tables(E, force=[3], disable=[7, 8], bias={10: 0.5})
+        _assert_same(name, *route_kernel(z, rule, t), *masked_route(z, rule, t))
+        _assert_same(name, *route_kernel(z, rule, None), *rule(z))
+
+
 # -- steered, continuous logits: equal to the reference ------------------------------------------------------------
 
 @interp
