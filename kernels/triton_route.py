@@ -7,10 +7,14 @@ selected weights by ``boost`` (optionally renormalised to the original sum), cas
 Sources: SteerMoE ``src/utils.py::steer_moe`` (force/disable, algorithms.md §5.3), the transformers router
 classes named in each rule (selection), algorithms.md §7.4/§8.4 (mask at the router, after the DeepSeek-V3 bias).
 
-One program handles ``BLOCK_T`` rows (tokens); E is padded to a power of two; the tables are loaded once per
-program. Top-k is k rounds of "row max, then the lowest index holding it", i.e. ties go to the lower expert
+One program handles ``BLOCK_T`` rows (tokens); E is padded to a power of two (at least 8); the tables are loaded
+once per program. Top-k (``_select``): each thread sorts the 32-bit keys of its 8 adjacent experts in registers,
+then k rounds take the best chunk head (one warp reduction) and shift that chunk; ties go to the lower expert
 index, which is what ``torch.topk``/``torch.max`` return on CUDA for the sizes routed here (checked on the GPU by
 ``benchmarks/steer_kernels_gpu.py``); the CPU ``torch.topk`` orders ties by its own introselect (unspecified).
+The 32-bit key is the score's order bits with its low log2(E_PAD) bits replaced by the column: exact for bf16
+logits; a block where float32 scores could be misordered by the dropped bits is redone with 64-bit keys
+(``_select_exact``). The selected experts' scores are then recomputed from the logits (``_steered_at``).
 
 Selection keys. The softmax families (softmax-top-k, DeepSeek-V2, sparsemixer's argmax) select on the steered
 logit ``z'`` rather than on ``softmax(z')``: the order is the same because exp is monotone, except where two
