@@ -282,22 +282,23 @@ def _group_keep(score, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
             gs = tl.where(gcols[None, :] == g, v[:, None], gs)
     gkey = (_order_bits(gs).to(tl.int64) << 32) | (G_PAD - 1 - gcols)[None, :].to(tl.int64)
     gkey = tl.where(gcols[None, :] < N_GROUP, gkey, _TAKEN64)
-    kept = gcols[None, :] < 0
+    kept = gcols[None, :] < 0  # per group (RESHAPE) or per column
+    if not RESHAPE:
+        kept = cols[None, :] < 0
     for j in tl.static_range(TOPK_GROUP):
         m = tl.max(gkey, 1)
         pick = gkey == m[:, None]
-        kept = kept | pick
         gkey = tl.where(pick, _TAKEN64, gkey)
+        if RESHAPE:
+            kept = kept | pick
+        else:
+            g = G_PAD - 1 - (m & 0x7FFFFFFF).to(tl.int32)
+            kept = kept | ((cols // PER_GROUP)[None, :] == g[:, None])
     if RESHAPE:
         s3 = tl.where(kept[:, :, None], tl.reshape(score, [BLOCK_T, G_PAD, E_PAD // G_PAD]), -float("inf"))
         return tl.reshape(s3, [BLOCK_T, E_PAD])
     else:
-        gid = cols // PER_GROUP
-        keep = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32) != 0
-        for g in tl.static_range(N_GROUP):
-            kg = tl.max(tl.where(gcols[None, :] == g, kept.to(tl.int32), 0), 1)
-            keep = keep | ((gid[None, :] == g) & (kg[:, None] != 0))
-        return tl.where(keep, score, -float("inf"))
+        return tl.where(kept, score, -float("inf"))
 
 
 @triton.jit
