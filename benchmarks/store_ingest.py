@@ -277,7 +277,8 @@ def span_sweep(work: Path, n_tokens: int, rounds: int = 2) -> None:
     """Router-logits ingest by the longest span a row may hold (encode.MAX_SPAN_BYTES) and flush pattern."""
     blocks = make_logit_blocks(n_tokens, seed=8)
     token_layers = n_tokens * L
-    gpu_like = WriterConfig(flush_decisions=5 * LOGIT_BLOCK * L * K)  # ~1 s of an H100 tracing OLMoE
+    # ~1 s of an H100 tracing OLMoE; eager_rows=0: exactly these flushes, none earlier
+    gpu_like = WriterConfig(flush_decisions=5 * LOGIT_BLOCK * L * K, eager_rows=0)
     caps = {2 * E: "1 token (a row per token)", 1024: "1 KiB (8 tokens)", 4096: "4 KiB (32 tokens)",
             16384: "16 KiB (128 tokens)", 0: f"whole spans ({LOGIT_SEQ:,} tokens, 256 KiB)"}
     saved = encode.MAX_SPAN_BYTES
@@ -319,7 +320,7 @@ def flush_sensitivity(work: Path, n_tokens: int) -> None:
     print("|---|---|---|")
     for n in (250_000, 1_000_000, 4_000_000, 16_000_000, 32_000_000):
         path = work / f"flush{n}.duckdb"
-        res = ingest(path, blocks, WriterConfig(flush_interval_s=3600, flush_decisions=n))
+        res = ingest(path, blocks, WriterConfig(flush_interval_s=3600, flush_decisions=n, eager_rows=0))
         print(f"| {n / 1e6:g} M decisions | {res['rate'] / 1e6:.1f} | {file_bytes(path) / res['decisions']:.3f} |", flush=True)
 
 

@@ -1,6 +1,8 @@
 """Store API on hand-made TokenBlocks: exact routing rows, tokens, sequences, logits, residual, stats."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import polars as pl
 import pytest
@@ -260,3 +262,128 @@ def test_reading_in_the_writing_process_waits_for_the_writer_thread(tmp_path):
             seen.append(store.runs()[0].n_tokens)
     assert seen == sorted(seen)
     assert store.runs()[0].n_tokens == 90
+
+
+def test_sequences_flushed_before_their_tokens_get_the_token_counts(tmp_path):
+    # The sequences go out in an earlier flush than the blocks: finish() corrects n_tokens with an UPDATE.
+    store = Store.open(tmp_path / "s.duckdb", writer_config=WriterConfig(flush_interval_s=0.001, reader_gap_s=0))
+    with store.create_run(make_meta()) as w:
+        w.add_sequences([SequenceRecord(10, "Hello", n_tokens=7), SequenceRecord(11, "Hallo", n_tokens=7),
+                         SequenceRecord(12, "Ciao", n_tokens=99), SequenceRecord(13, "none", n_tokens=4)])
+        time.sleep(0.2)  # the sequences are committed by now
+        assert store.runs()[0].n_sequences == 4
+        w.add_block(block_one())
+        w.add_block(block_two())
+    seqs = store.run(w.run_id).sequences()
+    assert seqs.select("seq_id", "n_tokens").rows() == [(10, 2), (11, 2), (12, 1), (13, 4)]  # 13 has no tokens
+
+
+def test_finish_right_after_a_large_block_records_everything(tmp_path):
+    # A block flushed at once (eager_rows), then finish() while that flush is inserting: the status goes into the
+    # flush's own transaction (nothing else handed over) or into one more (sequences came after the block).
+    store = Store.open(tmp_path / "s.duckdb", writer_config=WriterConfig(eager_rows=1))
+    n, L, k = 20_000, 2, 2
+    rng = np.random.default_rng(1)
+    for with_sequences in (False, True, False, True):
+        with store.create_run(make_meta()) as w:
+            w.add_block(TokenBlock(seq_id=np.repeat(np.arange(4, dtype=np.int64), n // 4),
+                                   pos=np.tile(np.arange(n // 4, dtype=np.int32), 4),
+                                   token_id=np.zeros(n, np.int32), layers=(1, 3),
+                                   experts=rng.integers(0, 8, (L, n, k)).astype(np.uint16),
+                                   weights=rng.random((L, n, k)).astype(np.float16)))
+            if with_sequences:
+                w.add_sequences([SequenceRecord(i, f"s{i}") for i in range(4)])
+        info = w.finish()
+        assert (info.status, info.n_tokens, info.n_decisions) == ("complete", n, n * L * k)
+        assert store.run(w.run_id).info == info
+        assert store.run(w.run_id).sequences()["n_tokens"].to_list() == ([n // 4] * 4 if with_sequences else [])
+        assert len(store.run(w.run_id).routing()) == n * L * k
+
+
+def test_failed_flush_keeps_the_run_incomplete_and_releases_the_file(tmp_path):
+    import duckdb
+
+    path = tmp_path / "s.duckdb"
+    store = Store.open(path)
+    write_hand_run(store, name="before")
+    with duckdb.connect(str(path)) as con:  # sabotage: the residual table is gone
+        con.sql("ALTER TABLE residual_max RENAME TO residual_max_gone")
+    block = block_one()
+    block.residual_layers = (0, 2)
+    block.residual_max = np.ones((2, 3), np.float32)
+    block.residual_channel = np.zeros((2, 3), np.int32)
+    w = store.create_run(make_meta(name="broken"))
+    w.add_block(block)
+    with pytest.raises(StoreError, match="stays 'incomplete'"):
+        w.finish()
+    by_name = {r.name: r for r in store.runs()}  # the file was released: this process reads it again
+    assert by_name["broken"].status == "incomplete" and by_name["broken"].n_tokens == 0
+    assert rows(store.run("before").routing()) == sorted(EXPECTED_BLOCK_ONE + EXPECTED_BLOCK_TWO)
+    with duckdb.connect(str(path)) as con:
+        con.sql("ALTER TABLE residual_max_gone RENAME TO residual_max")
+    write_hand_run(store, name="after")  # and writes to it
+    assert store.run("after").info.status == "complete"
+
+
+def test_failed_encoding_during_a_flush_never_lets_that_flush_mark_the_run_complete(tmp_path, monkeypatch):
+    # block_two's encoding fails while block_one's flush is inserting, then finish(): that flush must not record
+    # the run 'complete' (block_two is missing), and finish() reports the failure.
+    import contextlib
+
+    from routelens.store import writer as writer_mod
+
+    real_encode, real_session = writer_mod.encode_blocks, writer_mod.write_session
+    calls = {"encode": 0, "session": 0}
+
+    def encode(blocks):
+        calls["encode"] += 1
+        if calls["encode"] == 2:
+            raise MemoryError("encoding failed")
+        return real_encode(blocks)
+
+    @contextlib.contextmanager
+    def slow_session(path, **kw):
+        calls["session"] += 1
+        if calls["session"] == 1:
+            time.sleep(0.5)  # block_one's flush is still inserting when block_two and finish() come
+        with real_session(path, **kw) as con:
+            yield con
+
+    monkeypatch.setattr(writer_mod, "encode_blocks", encode)
+    monkeypatch.setattr(writer_mod, "write_session", slow_session)
+    store = Store.open(tmp_path / "s.duckdb", writer_config=WriterConfig(eager_rows=1, reader_gap_s=0))
+    w = store.create_run(make_meta())
+    w.add_block(block_one())
+    time.sleep(0.1)  # block_one's flush has started
+    w.add_block(block_two())
+    time.sleep(0.1)  # block_two was taken (and its encoding failed)
+    with pytest.raises(StoreError, match="encoding failed.*stays 'incomplete'"):
+        w.finish()
+    (run,) = store.runs()
+    assert (run.status, run.n_tokens) == ("incomplete", 3)
+
+
+def test_a_forked_child_exits_cleanly_after_the_parent_wrote(tmp_path):
+    # The parent's process-wide DuckDB instance (the run writer's) is inherited by a fork: the child must never
+    # destroy it (its destructor joins threads the child does not have), also not at a normal interpreter exit.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    script = f"""
+import os, sys
+from routelens.store import connection
+with connection.write_session({str(tmp_path / "s.duckdb")!r}) as con:
+    con.sql("CREATE TABLE t (x INTEGER)")
+pid = os.fork()
+if pid == 0:
+    sys.exit(3)  # a normal exit: the interpreter finalises its modules
+_, status = os.waitpid(pid, 0)
+print(os.WEXITSTATUS(status) if os.WIFEXITED(status) else f"signal {{os.WTERMSIG(status)}}")
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "3", (out.stdout, out.stderr[-2000:])

@@ -1,6 +1,7 @@
 """numpy records -> Arrow tables in the physical layout of the store (no DuckDB here).
 
-The writer thread calls :func:`encode_blocks` once per flush, outside the file lock, so that the lock is
+The writer thread calls :func:`encode_blocks` on the blocks of a flush (in one or a few groups: while the
+previous flush inserts, blocks already waiting are encoded), outside the file lock, so that the lock is
 held only for the INSERTs. Everything is built from contiguous numpy buffers that Arrow wraps without a
 copy; DuckDB then reads the Arrow tables directly (`INSERT ... SELECT FROM <registered table>`).
 """
@@ -268,6 +269,25 @@ def encode_blocks(blocks: list[TokenBlock]) -> EncodedBatch:
         residual=_residual_table(blocks),
         n_tokens=sum(b.n_tokens for b in blocks),
         n_decisions=sum(int(b.experts.size) for b in blocks),
+    )
+
+
+def merge_encoded(batches: list[EncodedBatch]) -> EncodedBatch:
+    """The batches of one flush as one (their tables concatenated without copying), in the given order."""
+    if len(batches) == 1:
+        return batches[0]
+
+    def cat(tables):
+        tables = [t for t in tables if t is not None]
+        return pa.concat_tables(tables) if tables else None
+
+    return EncodedBatch(
+        routing=cat(b.routing for b in batches),
+        tokens=cat(b.tokens for b in batches),
+        logits=cat(b.logits for b in batches),
+        residual=cat(b.residual for b in batches),
+        n_tokens=sum(b.n_tokens for b in batches),
+        n_decisions=sum(b.n_decisions for b in batches),
     )
 
 

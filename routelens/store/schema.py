@@ -48,10 +48,11 @@ Tables
     element packs one decision as ``expert << 16 | w16`` where ``w16`` is the bit pattern of the routing
     weight as an IEEE-754 binary16 (float16): **weights are stored rounded to float16 precision**
     (relative error <= 2^-11; exact when the model ran in float16). The ``routing`` view unpacks them
-    (``choice >> 16``, ``rl_half_to_float(choice & 65535)``). Rows are appended per writer flush in
-    (layer, token) order, so run/layer/seq/pos compress to almost nothing (Constant/RLE/bit-packing)
-    and a decision bit-packs to about log2(num_experts) + 16 bits; one packed list instead of an
-    experts list plus a weights list makes ingest ~1.7x faster. Measured sizes and speeds:
+    (``choice >> 16``, ``rl_half_to_float(choice & 65535)``). Rows are appended in (layer, token)
+    order per group of blocks the writer encodes together (a flush holds one or a few), so
+    run/layer/seq/pos compress to almost nothing (Constant/RLE/bit-packing) and a decision bit-packs to
+    about log2(num_experts) + 16 bits; one packed list instead of an experts list plus a weights list
+    makes ingest ~1.7x faster. Measured sizes and speeds:
     benchmarks/results/store_ingest.md.
 
 ``router_logits_data`` — raw router logits, only when the run was traced with logits; read them through

@@ -18,7 +18,7 @@ import pyarrow as pa
 from routelens.errors import StoreError
 from routelens.records import RunInfo, RunMeta
 from routelens.store import catalog, parquet_io
-from routelens.store.connection import not_a_store_message, session, transaction
+from routelens.store.connection import not_a_store_message, session, transaction, write_session
 from routelens.store.schema import REQUIRED_TABLES, SCHEMA_VERSION, TABLES_DDL
 from routelens.store.writer import RunWriter, WriterConfig
 
@@ -119,7 +119,7 @@ class Store:
         self._check(write=True)
         catalog.validate_meta(meta)
         info = catalog.new_info(meta)
-        with session(self.path, read_only=False, timeout=None) as con, transaction(con):
+        with write_session(self.path) as con, transaction(con):
             info.run_id = catalog.add_run_or_shard(con, info)
         return RunWriter(self.path, info, self.writer_config)
 

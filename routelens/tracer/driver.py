@@ -175,7 +175,7 @@ def trace(model, tokenizer, inputs, *, store, name: str | None = None, tags: Seq
     """Trace the routing of `model` over `inputs` (a list of texts/SequenceRecords, or a .txt/.jsonl path)
     into `store` (a Store or a path to one). Returns the run's handle; on any error the run stays
     'incomplete' and earlier runs are untouched."""
-    from ..store import Store
+    from ..store import RunHandle, Store
 
     check_transformers()
     options = options or TraceOptions()
@@ -205,7 +205,7 @@ def trace(model, tokenizer, inputs, *, store, name: str | None = None, tags: Seq
         seen = _run(model, tokenizer, adapter, segs, records, writer, options, progress)
         writer.add_vocabulary(token_texts(tokenizer, seen))
         info = writer.finish("complete")
-    return st.run(info.run_id)
+    return RunHandle(st, info)  # finish() read the run back in its own transaction: no reopening
 
 
 def token_texts(tokenizer, token_ids) -> dict[int, str]:

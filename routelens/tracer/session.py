@@ -42,7 +42,7 @@ def recording(model, store, *, tokenizer=None, name: str | None = None, tags=(),
               input_source: str = "python"):
     """Record the routing of every forward of `model` (a transformers model or an nnsight wrapper of one)
     run inside the block into a new run of `store`. Rows without `set_sequences` get fresh sequence ids."""
-    from ..store import Store
+    from ..store import RunHandle, Store
 
     check_transformers()
     base = unwrap(model)
@@ -84,4 +84,4 @@ def recording(model, store, *, tokenizer=None, name: str | None = None, tags=(),
         if tokenizer is not None:
             writer.add_vocabulary(token_texts(tokenizer, seen))
         info = writer.finish("complete")
-    handle.run = st.run(info.run_id)
+    handle.run = RunHandle(st, info)  # finish() read the run back in its own transaction
