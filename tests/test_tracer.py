@@ -196,3 +196,60 @@ def test_generation_without_padding_keeps_true_positions(tmp_path, tok, texts):
         assert rows["pos"].to_list() == list(range(rows.height))
         assert rows["generated"].to_list() == [False] * n_prompt + [True] * (rows.height - n_prompt)
         assert rows.height == n_prompt + 2  # the last generated token is never fed back
+
+
+def test_residual_max_is_max_abs_of_each_decoder_output(tok):
+    model = build_tiny_model("olmoe", num_layers=3)
+    x = torch.tensor([tok("The residual stream, measured per layer.")["input_ids"]])
+    outs = {}
+    hs = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)))
+          for i, layer in enumerate(model.model.layers)]
+    blocks = []
+    with torch.no_grad(), RoutingRecorder(model, adapt(model), blocks.append, residual=True) as rec:
+        model(x)
+        rec.flush()
+    for h in hs:
+        h.remove()
+    (b,) = blocks
+    assert b.residual_layers == (0, 1, 2)
+    for i in range(3):
+        val, ch = outs[i].reshape(-1, outs[i].shape[-1]).abs().max(dim=-1)
+        np.testing.assert_array_equal(b.residual_max[i], val.float().numpy())
+        np.testing.assert_array_equal(b.residual_channel[i], ch.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_abs_max_from_max_and_min_is_bitwise_abs_max(dtype):
+    # The GPU path folds h.max(-1) and h.min(-1) into max |h| and its channel; it must give exactly what
+    # h.abs().max(-1) gives: first channel on ties, +0.0 for zero rows, NaN and infinities as abs() has them.
+    from routelens.tracer.hooks import _abs_max
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randint(-4, 5, (64, 37, 40), generator=g) * 0.5).to(dtype)  # many ties and zeros
+    h[0, 0, 3] = float("nan")
+    h[1, 1, :] = -0.0
+    h[2, 2, 5], h[2, 2, 1] = float("inf"), -float("inf")
+    h[3, 3, :] = -1.0
+    h[4, 4, :7] = 0.0
+    want_v, want_c = h.abs().max(dim=-1)
+    got_v, got_c = _abs_max(*h.max(dim=-1), *h.min(dim=-1))
+    assert torch.equal(got_v.view(torch.int32), want_v.float().view(torch.int32))  # bitwise: NaN and -0.0 too
+    assert torch.equal(got_c, want_c.to(torch.int32))
+
+
+def test_a_bfloat16_attention_mask_is_recorded_like_an_integer_one():
+    # The model takes a float mask (e.g. cast to the model's dtype); the tracer reads positions from its host copy.
+    model = build_tiny_model("olmoe")
+    x = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    m = torch.ones(2, 9, dtype=torch.int64)
+    m[1, :3] = 0
+    got = {}
+    for dtype in (torch.int64, torch.bfloat16):
+        blocks = []
+        with torch.no_grad(), RoutingRecorder(model, adapt(model), blocks.append) as rec:
+            model(input_ids=x, attention_mask=m.to(dtype))
+            rec.flush()
+        (b,) = blocks
+        got[dtype] = (b.pos.tolist(), b.token_id.tolist(), b.experts.tolist())
+    assert got[torch.bfloat16] == got[torch.int64]
+    assert got[torch.int64][0] == list(range(9)) + list(range(6))

@@ -10,6 +10,12 @@ Per forward the recorder captures, without ever synchronising the device from th
 - optionally from a hook on each decoder layer: max |residual| per token and its channel.
 Device tensors are copied to the host with non_blocking copies; a CUDA event per device marks the end of the
 forward, and a consumer thread waits on it, assembles a TokenBlock and hands it to the sink.
+
+The forward's own thread does as little as it can: on a GPU every extra kernel launch or Python step in a hook
+is host time the forward waits for (an eager MoE forward synchronises with the device in every layer). So the
+hooks keep references and launch only what must run at that point (the residual reductions); the casts run
+once per forward on the tensors stacked over the layers, and positions are derived from a host copy of the
+attention mask by the consumer thread.
 """
 from __future__ import annotations
 
@@ -44,15 +50,28 @@ class _Forward:
     pos_offset: np.ndarray
     row_offset: int
     ids: torch.Tensor | None = None
-    pos: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # host copy of the 2-D attention mask: pos and valid are derived from it
+    seq_len: int = 0
+    pos: torch.Tensor | None = None  # else these two come from the device
     valid: torch.Tensor | None = None
     experts: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)  # stacked at forward end
     weights: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
     logits: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
-    res_val: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
-    res_ch: dict[int, torch.Tensor] | "_Stacked" = field(default_factory=dict)
+    # per decoder layer: (max, argmax, min, argmin) over channels on a GPU, (max |h|, argmax) on the CPU; folded
+    # into max |h| (float32) and its channel (int32), stacked over the layers, at the end of the forward
+    residual: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    res_val: "_Stacked | None" = None
+    res_ch: "_Stacked | None" = None
     devices: set = field(default_factory=set)
     events: list = field(default_factory=list)
+
+    def host_pos_valid(self) -> tuple[np.ndarray, np.ndarray]:
+        """[B, S] int32 positions and bool real-token flags, on the host (call once the copies landed)."""
+        if self.mask is None:
+            return self.pos.numpy(), self.valid.numpy()
+        m = self.mask.to(torch.int64).numpy()  # as the device path did: any mask dtype (numpy has no bfloat16)
+        seq = self.seq_len
+        return (np.cumsum(m, axis=-1)[:, -seq:] - 1).astype(np.int32), m[:, -seq:] != 0
 
 
 @dataclass
@@ -68,12 +87,45 @@ class _Stacked:
         return self.host.numpy()
 
 
-def _stack_to_host(per_layer: dict[int, torch.Tensor]) -> _Stacked:
+def _stack_to_host(per_layer: dict[int, torch.Tensor], dtype: torch.dtype | None = None) -> _Stacked:
+    """The layers' tensors stacked (one kernel), cast to ``dtype`` (one more) and copied to the host (one copy)."""
     layers = tuple(sorted(per_layer))
     tensors = [per_layer[l] for l in layers]
     if len({t.device for t in tensors}) == 1:
-        return _Stacked(layers, _to_host(torch.stack(tensors)))
-    return _Stacked(layers, [_to_host(t) for t in tensors])
+        stacked = torch.stack(tensors)
+        return _Stacked(layers, _to_host(stacked if dtype is None else stacked.to(dtype)))
+    return _Stacked(layers, [_to_host(t if dtype is None else t.to(dtype)) for t in tensors])
+
+
+def _abs_max(mx: torch.Tensor, imx: torch.Tensor, mn: torch.Tensor, imn: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """max |h| (float32) and its channel (int32), exactly as ``h.abs().max(-1)`` gives them, from ``h.max(-1)`` and
+    ``h.min(-1)``: two reads of h instead of abs's read, write and re-read. torch returns the first index of
+    equal extremes, so where |min| equals max the channel is the lower of the two; NaN propagates as in abs()."""
+    neg = mn.neg()
+    take_min = neg > mx
+    first = torch.where(neg == mx, torch.minimum(imx, imn), imx)
+    ch = torch.where(take_min, imn, first).to(torch.int32)
+    val = torch.where(take_min, neg, mx).abs().float()  # abs: +0.0 where the max was -0.0, as abs() gives
+    return val, ch
+
+
+def _fold(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |h|, channel) as float32 / int32 from what the residual hook kept (see there)."""
+    if len(parts) == 4:
+        return _abs_max(*parts)
+    val, ch = parts
+    return val.float(), ch.to(torch.int32)
+
+
+def _residual_to_host(per_layer: dict[int, tuple[torch.Tensor, ...]]) -> tuple[_Stacked, _Stacked]:
+    layers = tuple(sorted(per_layer))
+    parts = [per_layer[l] for l in layers]
+    if len({(p[0].device, len(p)) for p in parts}) == 1:
+        val, ch = _fold(tuple(torch.stack([p[i] for p in parts]) for i in range(len(parts[0]))))
+        return _Stacked(layers, _to_host(val)), _Stacked(layers, _to_host(ch))
+    folded = [_fold(p) for p in parts]
+    return _Stacked(layers, [_to_host(v) for v, _ in folded]), _Stacked(layers, [_to_host(c) for _, c in folded])
 
 
 def _router_logits(output, num_experts: int) -> torch.Tensor | None:
@@ -131,6 +183,7 @@ class RoutingRecorder:
         self._current: _Forward | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self.yield_s = 0.005
+        self._draining = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         # global row id -> (seq, pos) for the expert-stats argmax rows; filled by the consumer thread
@@ -145,7 +198,11 @@ class RoutingRecorder:
 
     def flush(self) -> None:
         """Block until every recorded forward has been handed to the sink."""
-        self._queue.join()
+        self._draining = True  # the caller waits: no forward to yield the GIL to
+        try:
+            self._queue.join()
+        finally:
+            self._draining = False
         if self._error is not None:
             err, self._error = self._error, None
             raise err
@@ -162,6 +219,23 @@ class RoutingRecorder:
             batch, seq = ids.shape
             ids_t = ids.detach()
         device = ids_t.device
+        if self._seq_ids is not None and len(self._seq_ids) == batch:
+            seq_ids, pos_offset = self._seq_ids, self._pos_offset
+        else:  # an un-announced forward: give it new sequence ids
+            seq_ids = np.arange(self._next_seq, self._next_seq + batch, dtype=np.int64)
+            pos_offset = np.zeros(batch, dtype=np.int64)
+            self._next_seq += batch
+        fwd = _Forward(seq_ids=seq_ids, pos_offset=pos_offset, row_offset=self._rows_seen)
+        fwd.ids = ids_t.clone() if device.type == "cpu" else _to_host(ids_t)
+        fwd.devices.add(device)
+        self._rows_seen += batch * seq
+        self._current = fwd
+        if mask is not None and mask.dim() == 2 and not self._stats:
+            # the common case: one copy of the mask; the consumer derives positions from it
+            fwd.mask = mask.detach().clone() if mask.device.type == "cpu" else _to_host(mask.detach())
+            fwd.devices.add(mask.device)  # its copy is ordered by that device's end-of-forward event
+            fwd.seq_len = seq
+            return
         if mask is not None and mask.dim() == 2:
             m = mask.detach().to(torch.int64)
             pos = m.cumsum(-1)[:, -seq:] - 1
@@ -181,22 +255,11 @@ class RoutingRecorder:
                     start = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
                 pos = (torch.arange(seq, device=device) + start).expand(batch, seq)
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        if self._seq_ids is not None and len(self._seq_ids) == batch:
-            seq_ids, pos_offset = self._seq_ids, self._pos_offset
-        else:  # an un-announced forward: give it new sequence ids
-            seq_ids = np.arange(self._next_seq, self._next_seq + batch, dtype=np.int64)
-            pos_offset = np.zeros(batch, dtype=np.int64)
-            self._next_seq += batch
-        fwd = _Forward(seq_ids=seq_ids, pos_offset=pos_offset, row_offset=self._rows_seen)
-        fwd.ids = ids_t.clone() if device.type == "cpu" else _to_host(ids_t)
         fwd.pos = _to_host(pos.to(torch.int32))
         fwd.valid = _to_host(valid)
-        fwd.devices.add(device)
         for stats in self._stats.values():
-            stats.row_offset = self._rows_seen
+            stats.row_offset = fwd.row_offset
             stats.valid_rows = valid.reshape(-1)
-        self._rows_seen += batch * seq
-        self._current = fwd
 
     def _make_experts_hook(self, layer: int, sort: bool):
         def hook(module, args, kwargs):
@@ -208,8 +271,9 @@ class RoutingRecorder:
             if sort:  # routers with topk(sorted=False): store rank 0 = largest weight
                 w, order = w.sort(dim=-1, descending=True, stable=True)
                 idx = idx.gather(-1, order)
-            fwd.experts[layer] = idx.detach().to(torch.int16)
-            fwd.weights[layer] = w.detach().to(torch.float16)
+            # references only: cast to int16 / float16 once per forward, on all layers stacked
+            fwd.experts[layer] = idx.detach()
+            fwd.weights[layer] = w.detach()
             fwd.devices.add(idx.device)
 
         return hook
@@ -236,10 +300,14 @@ class RoutingRecorder:
             fwd = self._current
             if fwd is None:
                 return
-            h = output[0] if isinstance(output, tuple) else output
-            val, ch = h.detach().abs().max(dim=-1)
-            fwd.res_val[layer] = val.float()
-            fwd.res_ch[layer] = ch.to(torch.int32)
+            h = (output[0] if isinstance(output, tuple) else output).detach()
+            # Reduced now (h changes after this layer), cast once per forward on all layers stacked. On a GPU,
+            # max and min (two reads of h, folded into max |h| and its channel at forward end) instead of abs()
+            # and max (read, write and re-read of a [tokens, hidden] temporary); on the CPU abs().max() is faster.
+            if h.device.type == "cpu":
+                fwd.residual[layer] = tuple(h.abs().max(dim=-1))
+            else:
+                fwd.residual[layer] = (*h.max(dim=-1), *h.min(dim=-1))
             fwd.devices.add(h.device)
 
         return hook
@@ -250,10 +318,14 @@ class RoutingRecorder:
             return
         # One stacked device->host copy per kind instead of one per layer: less host work for the consumer,
         # which shares the GIL with the thread launching the next forward.
-        for name in ("experts", "weights", "logits", "res_val", "res_ch"):
-            per_layer = getattr(fwd, name)
-            if per_layer:
-                setattr(fwd, name, _stack_to_host(per_layer))
+        if fwd.experts:
+            fwd.experts = _stack_to_host(fwd.experts, torch.int16)
+            fwd.weights = _stack_to_host(fwd.weights, torch.float16)
+        if fwd.logits:
+            fwd.logits = _stack_to_host(fwd.logits)
+        if fwd.residual:
+            fwd.res_val, fwd.res_ch = _residual_to_host(fwd.residual)
+            fwd.residual = {}
         for dev in fwd.devices:
             if dev.type == "cuda":
                 ev = torch.cuda.Event()
@@ -271,7 +343,7 @@ class RoutingRecorder:
                 if self._error is None:
                     for ev in fwd.events:
                         ev.synchronize()
-                    if fwd.events:
+                    if fwd.events and not self._draining:
                         # The main thread wakes at the same moment (the next forward syncs on this one's end) and
                         # must launch the next kernels now; host work here would hold the GIL and starve the GPU.
                         time.sleep(self.yield_s)
@@ -284,15 +356,17 @@ class RoutingRecorder:
                 self._queue.task_done()
 
     def _assemble(self, fwd: _Forward) -> TokenBlock | None:
-        batch, seq = fwd.valid.shape
-        valid = fwd.valid.numpy().reshape(-1)
+        pos_all, valid = fwd.host_pos_valid()
+        batch, seq = valid.shape
+        valid = valid.reshape(-1)
+        pos_all = pos_all.reshape(-1)
         rows = np.flatnonzero(valid)
         b = rows // seq
         seq_id = fwd.seq_ids[b]
-        pos = fwd.pos.numpy().reshape(-1)[rows].astype(np.int64) + fwd.pos_offset[b]
+        pos = pos_all[rows].astype(np.int64) + fwd.pos_offset[b]
         if self.want_expert_stats:
             all_rows = np.arange(batch * seq)
-            row_pos = fwd.pos.numpy().reshape(-1).astype(np.int64) + fwd.pos_offset[all_rows // seq]
+            row_pos = pos_all.astype(np.int64) + fwd.pos_offset[all_rows // seq]
             row_seq = np.where(valid, fwd.seq_ids[all_rows // seq], -1)
             self._row_map.append((fwd.row_offset, row_seq, row_pos))
         if rows.size == 0 or not fwd.experts:
@@ -309,7 +383,7 @@ class RoutingRecorder:
         weights = take(fwd.weights, 2)
         logits = take(fwd.logits, 2) if fwd.logits else None
         res_layers, res_val, res_ch = (), None, None
-        if fwd.res_val:
+        if fwd.res_val is not None:
             res_layers = fwd.res_val.layers
             res_val, res_ch = take(fwd.res_val, 3), take(fwd.res_ch, 3)
         return TokenBlock(
