@@ -462,7 +462,8 @@ class RunWriter:
 
 
 def _insert_sql(table: str, name: str, run_id: int, columns: list[str]) -> str:
-    """INSERT of the registered Arrow table ``name`` into ``table``, with run_id (see insert_arrow/insert_vocab)."""
+    """INSERT of the registered Arrow table ``name`` into ``table``, with run_id: the one place this SQL is written
+    (the writer's flush script, insert_arrow, insert_vocab)."""
     cols = ", ".join(columns)
     if table == "vocab":  # skip ids the run already has (the tokens view joins on run_id, token_id)
         return (f"INSERT INTO vocab (run_id, token_id, token) SELECT {int(run_id)}, token_id, token FROM {name} "
@@ -472,24 +473,21 @@ def _insert_sql(table: str, name: str, run_id: int, columns: list[str]) -> str:
 
 def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, run_id: int, data: pa.Table) -> None:
     """INSERT the Arrow table's columns (by name) plus run_id into ``table``."""
+    _insert_registered(con, table, run_id, data, data.column_names)
+
+
+def insert_vocab(con: duckdb.DuckDBPyConnection, run_id: int, data) -> None:
+    """Add token texts (``token_id``, ``token``), skipping ids the run already has."""
+    _insert_registered(con, "vocab", run_id, data, ["token_id", "token"])
+
+
+def _insert_registered(con: duckdb.DuckDBPyConnection, table: str, run_id: int, data, columns: list[str]) -> None:
     name = f"rl_batch_{table}"
     con.register(name, data)
     try:
-        cols = ", ".join(data.column_names)
-        con.sql(f"INSERT INTO {table} (run_id, {cols}) SELECT {int(run_id)}, {cols} FROM {name}")
+        con.sql(_insert_sql(table, name, run_id, columns))
     finally:
         con.unregister(name)
-
-
-def insert_vocab(con: duckdb.DuckDBPyConnection, run_id: int, data: pa.Table) -> None:
-    """Add token texts, skipping ids the run already has (the tokens view joins on run_id, token_id)."""
-    con.register("rl_batch_vocab", data)
-    try:
-        con.sql(f"""INSERT INTO vocab (run_id, token_id, token)
-                    SELECT {int(run_id)}, token_id, token FROM rl_batch_vocab
-                    WHERE token_id NOT IN (SELECT token_id FROM vocab WHERE run_id = {int(run_id)})""")
-    finally:
-        con.unregister("rl_batch_vocab")
 
 
 def _one_line(exc: BaseException) -> str:
