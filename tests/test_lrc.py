@@ -85,6 +85,17 @@ def random_routing(rng, L, E, k, lengths):
     return np.stack([np.stack([rng.permutation(E)[:k] for _ in range(n)]) for _ in range(L)]).astype(np.uint8)
 
 
+def random_case(rng, layers):
+    """A random trace for the cache tests: L layers drawn from ``layers`` (low, high), 2-6 experts, top-k,
+    1-3 sequences of 1-11 tokens, their start offsets, and the policies' look-ahead window (1-5 tokens)."""
+    L, E = int(rng.integers(*layers)), int(rng.integers(2, 7))
+    k = int(rng.integers(1, E + 1))
+    lengths = rng.integers(1, 12, size=int(rng.integers(1, 4)))
+    ex = random_routing(rng, L, E, k, lengths)
+    start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return L, E, lengths, ex, start, int(rng.integers(1, 6))
+
+
 def requests(ex, a, b, layers, E):
     return [[l * E + int(ex[l, t, r]) for l in layers for r in range(ex.shape[2])] for t in range(a, b)]
 
@@ -116,12 +127,7 @@ def test_cache_hits_match_brute_force_per_layer_and_model(policy):
     rng = np.random.default_rng(hash(policy) % 1000)
     checked = 0
     for _ in range(40):
-        L, E = int(rng.integers(1, 4)), int(rng.integers(2, 7))
-        k = int(rng.integers(1, E + 1))
-        lengths = rng.integers(1, 12, size=int(rng.integers(1, 4)))
-        ex = random_routing(rng, L, E, k, lengths)
-        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        window = int(rng.integers(1, 6))
+        L, E, lengths, ex, start, window = random_case(rng, layers=(1, 4))
         for sub_layers in [[l] for l in range(L)] + [list(range(L))]:
             sub = ex[sub_layers[0]:sub_layers[-1] + 1]
             U = len(sub_layers) * E
@@ -142,12 +148,7 @@ def test_banded_cache_counts_match_brute_force(policy):
     rng = np.random.default_rng(11 + POLICY_NAMES.index(policy))
     checked = 0
     for _ in range(25):
-        L, E = int(rng.integers(2, 5)), int(rng.integers(2, 7))
-        k = int(rng.integers(1, E + 1))
-        lengths = rng.integers(1, 12, size=int(rng.integers(1, 4)))
-        ex = random_routing(rng, L, E, k, lengths)
-        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        window = int(rng.integers(1, 6))
+        L, E, lengths, ex, start, window = random_case(rng, layers=(2, 5))
         cmax = L * int(rng.integers(1, E + 1))
         counts = lrc.cache_depth_counts(ex, start, np.arange(len(lengths)), E, policy, window, cmax, group=L)
         assert counts.shape == (len(lengths), cmax // L)
