@@ -37,8 +37,9 @@ alias_kernels()
 from routelens.adapters.routing import (DeepseekV2Rule, DeepseekV3Rule, GptOssRule, SoftmaxTopK,  # noqa: E402
                                         SparseMixerRule)
 from routelens.kernels.reference import masked_route  # noqa: E402
-from routelens.kernels.triton_route import (launch_config, masked_route_triton, route_kernel,  # noqa: E402
-                                            weights_dtype)
+from routelens.kernels.triton_route import (_streams, launch_config, masked_route_triton,  # noqa: E402
+                                            route_kernel, weights_dtype)
+from routelens.kernels.triton_stream import stream_config  # noqa: E402
 from routelens.steering.spec import RoutingGeometry, SteeringSpec  # noqa: E402
 
 FAMILIES = ("softmax_topk", "deepseek_v3", "deepseek_v2_greedy", "deepseek_v2_grouped", "gpt_oss", "sparsemixer")
@@ -236,7 +237,7 @@ def grid(device, Ts, Es, ks, hbm_gbps: float) -> list[dict]:
                     ref_ms = time_ms(lambda: masked_route(x, rule, tables), reps)
                     ker_ms = time_ms(lambda: masked_route_triton(x, rule, tables), reps)
                     w_size = torch.empty(0, dtype=weights_dtype(rule, x.dtype)).element_size()
-                    nbytes = T * E * x.element_size() + 4 * E * 4 + T * k * (w_size + 8)
+                    nbytes = T * E * x.element_size() + 9 * E * 4 + T * k * (w_size + 8)
                     try:  # the kernel's device time (CUDA graph replay, logits read from HBM): the bandwidth
                         gpu_ms = graph_time_cold_ms(lambda xi: route_kernel(xi, rule, tables), cold_inputs(x))
                     except Exception as exc:  # noqa: BLE001 - recorded, not fatal
@@ -291,16 +292,17 @@ def block_sweep(device, T: int, E: int, hbm_gbps: float) -> list[dict]:
             rule = make_rule(family, E, k, device)
             tables = make_tables(family, E, k)
             w_size = torch.empty(0, dtype=weights_dtype(rule, torch.bfloat16)).element_size()
-            nbytes = T * E * 2 + 4 * E * 4 + T * k * (w_size + 8)
-            for block_rows, warps in ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8)):
+            nbytes = T * E * 2 + 9 * E * 4 + T * k * (w_size + 8)
+            variants = [dict(impl="rows", block_rows=b, num_warps=w) for b, w in ((2, 1), (4, 1), (8, 2))]
+            if _streams(rule):
+                variants += [dict(impl="stream", threads_per_row=s, num_warps=w) for s, w in ((4, 1), (4, 2), (2, 1))]
+            for v in variants:
                 try:
-                    ms = graph_time_cold_ms(lambda xi: route_kernel(xi, rule, tables, block_rows=block_rows,
-                                                                    num_warps=warps), xs)
+                    ms = graph_time_cold_ms(lambda xi: route_kernel(xi, rule, tables, **v), xs)
                 except Exception as exc:  # e.g. out of registers / shared memory for a variant
-                    rows.append({"family": family, "k": k, "block_rows": block_rows, "num_warps": warps,
-                                 "error": str(exc)[:200]})
+                    rows.append({"family": family, "k": k, **v, "error": str(exc)[:200]})
                     continue
-                rows.append({"family": family, "k": k, "block_rows": block_rows, "num_warps": warps,
+                rows.append({"family": family, "k": k, **v,
                              "ms": round(ms, 5), "frac_of_hbm": round(nbytes / (ms / 1e3) / 1e9 / hbm_gbps, 3)})
                 print(rows[-1], flush=True)
     return rows
@@ -324,7 +326,8 @@ def main():
     import triton
 
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "default_launch_config_E256_T65536": launch_config(256, 65536)}
+           "default_launch_config_E256_T65536": launch_config(256, 65536),
+           "stream_config_E256_T65536 (E_PAD, S, rows, warps)": stream_config(256, 65536)}
     res["hbm"] = hbm_bandwidth(device)
     print(res, flush=True)
     sections = {"host_overhead_us": lambda: host_overhead(device),
@@ -382,12 +385,15 @@ def markdown(res: dict) -> str:
         lines += ["## Host (CPU) microseconds per call, T = 1, E = 64, k = 8 (no synchronisation)", "",
                   "| part | us |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in res["host_overhead_us"].items()] + [""]
     if "block_sweep" in res:
-        lines += ["## Rows per program / warps at T = 65536, E = 256 (kernel GPU time, cold L2)", "",
-                  "| family | k | rows | warps | ms | of HBM |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["## Launch variants at T = 65536, E = 256 (kernel GPU time, cold L2)", "",
+                  "`rows`: `triton_route` (rows per program); `stream`: `triton_stream` (threads per row).", "",
+                  "| family | k | kernel | rows per program / threads per row | warps | ms | of HBM |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
         for r in res["block_sweep"]:
             if "ms" in r:
-                lines.append(f"| {r['family']} | {r['k']} | {r['block_rows']} | {r['num_warps']} | {r['ms']:.4f} | "
-                             f"{r['frac_of_hbm']:.0%} |")
+                shape = r.get("block_rows", r.get("threads_per_row"))
+                lines.append(f"| {r['family']} | {r['k']} | {r.get('impl', 'rows')} | {shape} | {r['num_warps']} | "
+                             f"{r['ms']:.4f} | {r['frac_of_hbm']:.0%} |")
         lines.append("")
     return "\n".join(lines)
 

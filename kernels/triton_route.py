@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 from torch import Tensor
 
 from routelens.adapters.routing import DeepseekV2Rule, DeepseekV3Rule, GptOssRule, SoftmaxTopK, SparseMixerRule
@@ -42,6 +41,9 @@ from routelens.errors import InputError
 from routelens.steering.spec import LayerTables
 
 from .reference import masked_route, weights_dtype
+from .triton_stream import SPARSE_MAX, _stream_topk_kernel, stream_config, stream_rows
+from .triton_common import (_TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
+                            _steered_logits, _sum_exp, _tile)
 
 __all__ = ["masked_route_triton", "route_kernel", "triton_available", "weights_dtype", "launch_config"]
 
@@ -50,131 +52,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # libdevice (IEEE expf, as PyTorch's CUDA kernels use) does not exist in the interpreter; numpy's exp stands in.
 _PRECISE = not _INTERPRET
 _CACHE_ATTR = "_routelens_triton_tables"
-# rows of the packed [4, E] float32 table
-_MASK, _BIAS, _BIAS_ABS, _BOOST = (tl.constexpr(i) for i in range(4))
 
 
 def triton_available() -> bool:
     """True when the kernels can run: a CUDA device, or the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _INTERPRET or torch.cuda.is_available()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared device functions
-# ---------------------------------------------------------------------------------------------------------------
-
-_TAKEN = tl.constexpr(-2147483648)  # int32 min: below every selection key (the key of -inf is above it)
-_TAKEN64 = tl.constexpr(-9223372036854775807)
-_LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _exp(x, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _sum_exp(x, mx, PRECISE: tl.constexpr):
-    """Row sums of ``exp(x - mx)``: the softmax denominator. On the GPU through ``ex2.approx`` (2 ulp), which no
-    selection depends on; each selected numerator is recomputed with the IEEE ``expf``."""
-    if PRECISE:
-        return tl.sum(tl.math.exp2((x - mx[:, None]) * _LOG2E), 1)
-    else:
-        return tl.sum(tl.exp(x - mx[:, None]), 1)
-
-
-@triton.jit
-def _tile(T, E, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, E_PAD)
-    return rows, rows < T, cols, cols < E
-
-
-@triton.jit
-def _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, LOGIT_MASK: tl.constexpr):
-    """float32 ``z' = z + b + b_abs·|z|``; logit-domain families also get force (row max + δ) and disable (-inf).
-    Padding columns are -inf. Returns ``(z', mask, row max before masking)`` (mask: -1/0/+1 as float32)."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None].to(tl.int64) * stride_t + cols[None, :]
-    z = tl.load(logits_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(tabs_ptr + _BIAS * E + cols, mask=col_ok, other=0.0)
-        b_abs = tl.load(tabs_ptr + _BIAS_ABS * E + cols, mask=col_ok, other=0.0)
-        z = (z + b[None, :]) + b_abs[None, :] * tl.abs(z)
-    z = tl.where(col_ok[None, :], z, -float("inf"))
-    mask = tl.load(tabs_ptr + _MASK * E + cols, mask=col_ok, other=0.0)
-    row_max = tl.max(z, 1)  # before disabling, as the reference (and SteerMoE's max over all experts)
-    if HAS_MASK and LOGIT_MASK:
-        z = tl.where(mask[None, :] > 0, row_max[:, None] + force_delta, z)
-        z = tl.where(mask[None, :] < 0, -float("inf"), z)
-    return z, mask, row_max
-
-
-@triton.jit
-def _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta,
-                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, LOGIT_MASK: tl.constexpr):
-    """``z'`` of ``_steered_logits`` at the selected columns ``sel`` ([rows, slots]), recomputed from the logits
-    with the same float32 operations, hence bit-identical (the selection keys keep only its top bits)."""
-    z = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + sel, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(tabs_ptr + _BIAS * E + sel, mask=ok, other=0.0)
-        b_abs = tl.load(tabs_ptr + _BIAS_ABS * E + sel, mask=ok, other=0.0)
-        z = (z + b) + b_abs * tl.abs(z)
-    if HAS_MASK and LOGIT_MASK:
-        mask = tl.load(tabs_ptr + _MASK * E + sel, mask=ok, other=0.0)
-        z = tl.where(mask > 0, row_max[:, None] + force_delta, z)
-        z = tl.where(mask < 0, -float("inf"), z)
-    return z
-
-
-@triton.jit
-def _order_bits(x):
-    """float32 -> int32 in the same order (-0.0 counted as +0.0, as a float comparison sees them)."""
-    b = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _ce(a, b):
-    return tl.maximum(a, b), tl.minimum(a, b)
-
-
-@triton.jit
-def _sorted_chunks(key, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
-    """Each run of 8 adjacent columns (one thread's registers after a 16-byte load) sorted descending by Knuth's
-    19-comparator network: eight ``[BLOCK_T, E_PAD // 8]`` tensors, rank 0 first."""
-    h = tl.reshape(key, [BLOCK_T, E_PAD // 8, 2, 2, 2])
-    a, b = tl.split(h)
-    a0, a1 = tl.split(a)
-    b0, b1 = tl.split(b)
-    c0, c1 = tl.split(a0)
-    c2, c3 = tl.split(a1)
-    c4, c5 = tl.split(b0)
-    c6, c7 = tl.split(b1)
-    c0, c2 = _ce(c0, c2)
-    c1, c3 = _ce(c1, c3)
-    c4, c6 = _ce(c4, c6)
-    c5, c7 = _ce(c5, c7)
-    c0, c4 = _ce(c0, c4)
-    c1, c5 = _ce(c1, c5)
-    c2, c6 = _ce(c2, c6)
-    c3, c7 = _ce(c3, c7)
-    c0, c1 = _ce(c0, c1)
-    c2, c3 = _ce(c2, c3)
-    c4, c5 = _ce(c4, c5)
-    c6, c7 = _ce(c6, c7)
-    c2, c4 = _ce(c2, c4)
-    c3, c5 = _ce(c3, c5)
-    c1, c4 = _ce(c1, c4)
-    c3, c6 = _ce(c3, c6)
-    c1, c2 = _ce(c1, c2)
-    c3, c4 = _ce(c3, c4)
-    c5, c6 = _ce(c5, c6)
-    return c0, c1, c2, c3, c4, c5, c6, c7
 
 
 @triton.jit
@@ -299,25 +181,6 @@ def _group_keep(score, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
         return tl.reshape(s3, [BLOCK_T, E_PAD])
     else:
         return tl.where(kept, score, -float("inf"))
-
-
-@triton.jit
-def _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K: tl.constexpr, SLOTS: tl.constexpr,
-            HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr):
-    """``w *= boost[i]`` (renormalised to the old row sum if asked), cast, store ``[T, K]`` weights and int64 ids."""
-    slot = tl.arange(0, SLOTS)
-    ok = row_ok[:, None] & (slot[None, :] < K)
-    w = tl.where(ok, w, 0.0)
-    if HAS_BOOST:
-        factor = tl.load(tabs_ptr + _BOOST * E + sel, mask=ok, other=1.0)
-        boosted = w * factor
-        if RENORM_BOOST:
-            ratio = tl.math.div_rn(tl.sum(w, 1), tl.sum(boosted, 1))
-            boosted = boosted * ratio[:, None]
-        w = boosted
-    offs = rows[:, None].to(tl.int64) * K + slot[None, :]
-    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=ok)
-    tl.store(idx_ptr + offs, sel.to(tl.int64), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,8 +362,8 @@ def _groups_fill(E: int, e_pad: int, n_group: int) -> bool:
 
 
 def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, tuple[bool, ...]]:
-    """The packed ``[4, E]`` float32 table on ``device`` and (has_bias, has_mask, has_boost, renormalize,
-    has_force).
+    """The packed ``[9, E]`` float32 table (``triton_common``'s rows) on ``device`` and the flags (has_bias, has_mask,
+    has_boost, renormalize, forced experts, has_bias_abs, and ``stream_rows``' counts).
 
     Cached on the tables object: a steered model routes every forward with the same tables, and copying a pageable
     numpy array to the GPU would synchronise the stream once per layer. The cache is keyed on the table bytes, so
@@ -511,19 +374,25 @@ def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, t
     cached = tables.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    packed = np.stack([tables.mask.astype(np.float32), tables.bias.astype(np.float32),
-                       tables.bias_abs.astype(np.float32), tables.boost.astype(np.float32)])
+    derived, sparse_counts = stream_rows(tables.mask, tables.bias, tables.bias_abs)
+    packed = np.concatenate([np.stack([tables.mask.astype(np.float32), tables.bias.astype(np.float32),
+                                       tables.bias_abs.astype(np.float32), tables.boost.astype(np.float32)]),
+                             derived])
     tab = torch.from_numpy(np.ascontiguousarray(packed)).to(device)
     flags = (tables.has_bias, tables.has_mask, tables.has_boost, bool(tables.renormalize),
-             bool((tables.mask > 0).any()))
+             int((tables.mask > 0).sum()), bool(tables.bias_abs.any()), *sparse_counts)
     tables.__dict__[_CACHE_ATTR] = (key, tab, flags)
     return tab, flags
 
 
 def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: float = 0.01, *,
                  block_rows: int | None = None, num_warps: int | None = None, precise: bool | None = None,
+                 impl: str = "auto", threads_per_row: int | None = None,
                  _device: tuple | None = None) -> tuple[Tensor, Tensor]:
-    """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``."""
+    """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``.
+
+    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy and gpt-oss with k <= 8), "rows"
+    (this module's kernels, every family), "auto": stream where it applies."""
     if not isinstance(rule, _FAMILIES):
         raise InputError(f"no Triton routing kernel for {type(rule).__name__}; use the torch steering backend")
     if not (logits.is_cuda or _INTERPRET):
@@ -537,11 +406,35 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     k = rule.k
     if _device is None:  # masked_route_triton passes the tables it already looked up
         _device = _device_tables(tables if tables is not None else LayerTables.neutral(E), logits.device)
-    tab, (has_bias, has_mask, has_boost, renorm_boost, has_force) = _device
+    tab, (has_bias, has_mask, has_boost, renorm_boost, n_forced, has_bias_abs, n_cand, n_drop, drop_biased) = _device
+    has_force = n_forced > 0
     weights = torch.empty((T, k), dtype=weights_dtype(rule, logits.dtype), device=logits.device)
     indices = torch.empty((T, k), dtype=torch.int64, device=logits.device)
     if T == 0:
         return weights, indices
+    fd = float(force_delta)
+    precise = _PRECISE if precise is None else (precise and not _INTERPRET)
+    # force with δ <= 0 sets the forced logits to the row max (+ δ), which a single pass does not know yet
+    if impl != "rows" and _streams(rule) and not (has_force and force_delta <= 0):
+        e_pad, s, rows, warps = stream_config(E, T, threads_per_row, num_warps)
+        family = 0 if isinstance(rule, SoftmaxTopK) else 1 if isinstance(rule, DeepseekV2Rule) else 2
+        exact_keys = logits.dtype in (torch.bfloat16, torch.float16) and e_pad <= 1 << 13
+        # the sparse form needs exact stream keys: its special columns compare exactly against them
+        sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
+        _stream_topk_kernel[(triton.cdiv(T, rows),)](
+            logits, logits.stride(0), tab, weights, indices, T, E, fd,
+            float(rule.scaling) if family == 1 else 1.0, n_forced, n_cand, n_drop, FAMILY=family, K=k,
+            SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=e_pad, EVEN=e_pad == E, S=s,
+            ROWS=rows, CB=e_pad.bit_length() - 1, LOSSY=(has_bias and not sparse) or not exact_keys,
+            EXACT_KEYS=exact_keys, SPARSE=sparse, C_PAD=triton.next_power_of_2(n_cand) if sparse and n_cand else 0,
+            D_PAD=triton.next_power_of_2(n_drop) if sparse and n_drop else 0, D_BIAS=drop_biased,
+            HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
+            HAS_FORCE=has_mask and has_force and force_delta > 0, HAS_BOOST=has_boost,
+            RENORM_BOOST=has_boost and renorm_boost, RENORM=family == 0 and bool(rule.renormalize),
+            PRECISE=precise, num_warps=warps, enable_fp_fusion=False)
+        return weights, indices
+    if impl == "stream":
+        raise InputError(f"no streamed kernel for {type(rule).__name__} with k={k}; use impl='rows'")
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
     grid = (triton.cdiv(T, block_t),)
     # slots: the k picks laid out like the chunk heads (one per thread) when there are at least k chunks
@@ -549,9 +442,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                   CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask,
                   HAS_FORCE=has_force and force_delta > 0, HAS_BOOST=has_boost,
                   RENORM_BOOST=has_boost and renorm_boost,
-                  PRECISE=_PRECISE if precise is None else (precise and not _INTERPRET), num_warps=warps,
+                  PRECISE=precise, num_warps=warps,
                   enable_fp_fusion=False)
-    fd = float(force_delta)
     if isinstance(rule, SoftmaxTopK):
         _softmax_topk_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
                                    RENORM=bool(rule.renormalize), **common)
@@ -579,6 +471,15 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         _sparsemixer_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
                                   float(2 * rule.jitter_eps), **common)
     return weights, indices
+
+
+def _streams(rule) -> bool:
+    """The streamed kernel covers the logit-domain families without groups, k <= 8 (a list of 8 per thread)."""
+    if rule.k > 8:
+        return False
+    if isinstance(rule, DeepseekV2Rule):
+        return rule.method != "group_limited_greedy"
+    return isinstance(rule, (SoftmaxTopK, GptOssRule))
 
 
 def masked_route_triton(logits: Tensor, rule, tables: LayerTables | None, force_delta: float = 0.01

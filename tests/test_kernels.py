@@ -534,3 +534,72 @@ def test_steer_backend_triton_equals_torch(family):
     assert handle.calls and all(n == ids.numel() for n in handle.calls.values())
     assert not torch.allclose(ref, plain)  # the spec does change the model
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# -- the streamed kernel's rare paths ---------------------------------------------------------------------------------
+
+STREAMED = ("softmax_renorm", "softmax_raw_f32", "deepseek_v2_greedy", "gpt_oss")
+
+
+@interp
+@pytest.mark.parametrize("name", STREAMED)
+def test_stream_far_from_offset_sums_again(name):
+    """A score 70 above a thread's first chunk, and a disabled expert 75 above the rest: the offset sums would
+    over- and underflow, so the block's sums are redone against the row max (``_sum_again``). (Far enough to
+    trip the guard, near enough that the reference's probabilities of the picked experts do not underflow to
+    ties.)"""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    E = 64
+    rule = RULES[name](E)
+    z = _distinct_logits(8, E, torch.bfloat16, seed=11).float()
+    z[0, 40] = 70.0  # a later chunk far above thread 0's first chunk
+    z[1, 2] = 75.0   # in the first chunk, disabled below
+    z = z.to(torch.bfloat16)
+    t = _tables(E, disable=[2], force=[5], bias={7: 0.25})
+    _assert_same(name, *route_kernel(z, rule, t), *masked_route(z, rule, t), rtol=8e-3, atol=1e-6)
+    t = _tables(E, disable=[2])
+    _assert_same(name, *route_kernel(z, rule, t), *masked_route(z, rule, t), rtol=8e-3, atol=1e-6)
+
+
+@interp
+@pytest.mark.parametrize("name", STREAMED)
+def test_stream_dense_tables_beyond_the_sparse_limit(name):
+    """More special experts than ``SPARSE_MAX``: the per-column tables path, bf16 and float32."""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+    from routelens.kernels.triton_stream import SPARSE_MAX
+
+    E = 256
+    rule = RULES[name](E)
+    disable = list(range(0, 2 * (SPARSE_MAX + 8), 2))
+    t = _tables(E, disable=disable, force=[1], bias={e: 0.01 * (e % 7) - 0.03 for e in range(3, E, 3)})
+    for dtype in (torch.bfloat16, torch.float32):
+        z = _distinct_logits(8, E, dtype, seed=12)
+        _assert_same(name, *route_kernel(z, rule, t), *masked_route(z, rule, t), rtol=8e-3, atol=1e-6)
+
+
+@interp
+@pytest.mark.parametrize("name", STREAMED)
+def test_stream_biased_expert_ties_an_unbiased_one_in_its_high_bits(name):
+    """bf16 logits, a bias of 1e-6 on expert 9 whose logit equals expert 3's: their 32-bit keys would tie (the bias
+    only moves low bits), the exact comparison of the sparse form must rank 9 first; a bias of 0 keeps the lower
+    index first."""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    E = 32
+    rule = RULES[name](E)
+    z = _distinct_logits(4, E, torch.bfloat16, seed=13).float()
+    top = z.max(1).values
+    z[:, 3] = top + 1.0
+    z[:, 9] = top + 1.0
+    z = z.to(torch.bfloat16)
+    for b in (1e-6, -1e-6, 0.0):
+        t = _tables(E, bias={9: b, 20: 0.5}, disable=[30])
+        w, i = route_kernel(z, rule, t)
+        if b != 0.0:  # an exact tie (b = 0) is ordered by the CPU reference's introselect, unspecified
+            _assert_same(name, w, i, *masked_route(z, rule, t), rtol=8e-3, atol=1e-6)
+        if name not in UNORDERED:
+            assert (i[:, 0] == (9 if b > 0 else 3)).all() and (i[:, 1] == (3 if b > 0 else 9)).all(), (b, i)

@@ -1,0 +1,461 @@
+"""Streamed masked routing for the logit-domain families without groups (softmax-top-k, DeepSeek-V2 greedy,
+gpt-oss) and k <= 8: the same function as ``triton_route`` (``reference.masked_route``), in fewer instructions
+and registers.
+
+Why another kernel: ``triton_route`` spreads a row over a whole warp, so each of the k picks costs a warp-wide
+reduction; Nsight Compute showed it issue-bound at 65-80 instructions per routed logit, about a quarter of the
+H100's HBM bandwidth. Here a row belongs to ``S`` threads (4 once E >= 32). Each thread streams its share of the
+row in 8-expert chunks (one 16-byte load of bf16; chunk ``ch`` of thread ``s`` holds experts
+``ch·8·S + s·8 + 0..7``, so the S threads of a row read 64 contiguous bytes) and keeps, in registers:
+- its best keys, sorted: a chunk is sorted by a 19-comparator network and merged into the list (bitonic merge)
+  for lists of 8; lists of up to 4 take each key by insertion;
+- the softmax sum ``Σ 2^((z - off)·log2 e)`` against a fixed offset ``off`` (its first chunk's max): one fma, one
+  ``ex2.approx`` and one add per logit, no running-max rescaling. A block where some thread's best enabled score
+  lies more than 60 from its offset (where the sum could over- or underflow) gets its sums again, against the
+  row max (``_sum_again``);
+- the row max of the steered logits (SteerMoE's force value), only when something is forced.
+Only at the end do the S threads combine: k picks of the best list head (log2(S) shuffles each).
+
+Steering. Where a layer's spec touches at most ``SPARSE_MAX`` experts and the logits are 16-bit (exact keys),
+each touched ("special") expert leaves the stream through one bit (``SPW``: a shift per thread and chunk, a bit
+test and a select per logit) and comes back as gathers at the end: the enabled biased ones (``CCOL``) compete in
+the picks with exact 64-bit keys and join the sum; the disabled and forced ones (``DCOL``) give their part of the
+row max (SteerMoE's force value). Otherwise one table row per column, ``DROP`` (-inf at disabled and forced
+experts), is added to the biased logits. Either way forced experts take the first slots (their score, row max + δ,
+is above every other), in ascending column order as ``torch.topk`` breaks their tie.
+
+Keys: the score's order bits with the low ``CB`` bits replaced by ``2^CB - 1 - column`` (ties -> lower column);
+exact for 16-bit logits outside the biased columns. Otherwise (``LOSSY``: float32 logits, or biases in the dense
+form) the lists keep k+1 keys, and a block where two
+consecutive of them share their high bits is selected again with exact 64-bit keys (``_select_exact``, k
+streamed passes: slow and few registers, for a case that needs a float32 tie in the top 24 bits). The selected
+experts' weights are recomputed from the logits (``_steered_at``), bit for bit as in the other kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import triton
+import triton.language as tl
+
+from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SPW, _TAKEN, _TAKEN64, _ce, _exp,
+                            _finish, _order_bits, _sort8, _split8, _steered_at)
+
+_SOFTMAX, _V2_GREEDY, _GPT_OSS = (tl.constexpr(i) for i in range(3))
+_SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
+_NEG_INF_KEY = tl.constexpr(-2139095041)  # 0x807FFFFF: the highest key of -inf (order bits of -inf, low bits set)
+
+
+@triton.jit
+def _exp2_off(zd, off_l2, PRECISE: tl.constexpr):
+    """``exp(zd - off)`` as ``2^(zd·log2 e - off·log2 e)``: one fma and ``ex2.approx`` on the GPU (sums only: no
+    selection depends on them)."""
+    if PRECISE:
+        return tl.math.exp2(tl.fma(zd, _LOG2E, -off_l2))
+    else:
+        return tl.exp(zd - off_l2 / _LOG2E)
+
+
+@triton.jit
+def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+           HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, special=None):
+    """One chunk ``[ROWS, S, 8]`` of the block: ``z' = z + b (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``,
+    which is ``z'`` with -inf at disabled and forced experts (and +0.0 for -0.0, as a float comparison sees it)."""
+    if special is not None:  # the sparse form: special columns (steered in any way) leave, as -inf
+        if EVEN:
+            z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None], other=0.0).to(tl.float32)
+        else:
+            col_ok = cols < E
+            z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :],
+                        other=0.0).to(tl.float32)
+            z = tl.where(col_ok[None, :, :], z, -float("inf"))
+        zd = tl.where(special[None, :, :], -float("inf"), z + 0.0)
+    elif EVEN:  # no column masks: the table loads stay 16-byte vectors
+        z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            zb = z + tl.load(tabs_ptr + _BIAS * E + cols)[None, :, :]
+            if HAS_BIAS_ABS:
+                zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols)[None, :, :] * tl.abs(z)
+            z = zb
+        if HAS_MASK:  # + 0.0 where kept, which also turns -0.0 into +0.0
+            zd = z + tl.load(tabs_ptr + _DROP * E + cols)[None, :, :]
+        else:
+            zd = z + 0.0
+    else:
+        col_ok = cols < E
+        z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :],
+                    other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            zb = z + tl.load(tabs_ptr + _BIAS * E + cols, mask=col_ok, other=0.0)[None, :, :]
+            if HAS_BIAS_ABS:
+                zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols, mask=col_ok, other=0.0)[None, :, :] * tl.abs(z)
+            z = zb
+        z = tl.where(col_ok[None, :, :], z, -float("inf"))
+        if HAS_MASK:
+            zd = z + tl.load(tabs_ptr + _DROP * E + cols, mask=col_ok, other=0.0)[None, :, :]
+        else:
+            zd = z + 0.0
+    return z, zd
+
+
+@triton.jit
+def _insert(l0, l1, l2, l3, x, N: tl.constexpr):
+    """Insert ``x`` into the descending list ``l0..l(N-1)`` (N <= 4), dropping the smallest."""
+    hi = tl.maximum(l0, x)
+    x = tl.minimum(l0, x)
+    l0 = hi
+    if N > 1:
+        hi = tl.maximum(l1, x)
+        x = tl.minimum(l1, x)
+        l1 = hi
+    if N > 2:
+        hi = tl.maximum(l2, x)
+        x = tl.minimum(l2, x)
+        l2 = hi
+    if N > 3:
+        l3 = tl.maximum(l3, x)
+    return l0, l1, l2, l3
+
+
+@triton.jit
+def _merge8(l0, l1, l2, l3, l4, l5, l6, l7, l8, c0, c1, c2, c3, c4, c5, c6, c7, NINTH: tl.constexpr):
+    """The best 8 of two descending lists of 8, sorted (the pairwise maxima of one list against the other reversed
+    form a bitonic sequence: three half-cleaner stages sort it); ``l8`` keeps the 9th best when ``NINTH`` (the
+    best of the pairwise minima, which are the 8 worst)."""
+    if NINTH:
+        d = tl.maximum(tl.maximum(tl.maximum(tl.minimum(l0, c7), tl.minimum(l1, c6)),
+                                  tl.maximum(tl.minimum(l2, c5), tl.minimum(l3, c4))),
+                       tl.maximum(tl.maximum(tl.minimum(l4, c3), tl.minimum(l5, c2)),
+                                  tl.maximum(tl.minimum(l6, c1), tl.minimum(l7, c0))))
+        l8 = tl.maximum(l8, d)
+    m0 = tl.maximum(l0, c7)
+    m1 = tl.maximum(l1, c6)
+    m2 = tl.maximum(l2, c5)
+    m3 = tl.maximum(l3, c4)
+    m4 = tl.maximum(l4, c3)
+    m5 = tl.maximum(l5, c2)
+    m6 = tl.maximum(l6, c1)
+    m7 = tl.maximum(l7, c0)
+    m0, m4 = _ce(m0, m4)
+    m1, m5 = _ce(m1, m5)
+    m2, m6 = _ce(m2, m6)
+    m3, m7 = _ce(m3, m7)
+    m0, m2 = _ce(m0, m2)
+    m1, m3 = _ce(m1, m3)
+    m4, m6 = _ce(m4, m6)
+    m5, m7 = _ce(m5, m7)
+    m0, m1 = _ce(m0, m1)
+    m2, m3 = _ce(m2, m3)
+    m4, m5 = _ce(m4, m5)
+    m6, m7 = _ce(m6, m7)
+    return m0, m1, m2, m3, m4, m5, m6, m7, l8
+
+
+@triton.jit
+def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr, S: tl.constexpr,
+            E_PAD: tl.constexpr, EVEN: tl.constexpr, CB: tl.constexpr, N: tl.constexpr, SUM: tl.constexpr,
+            HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+            SPARSE: tl.constexpr, PRECISE: tl.constexpr):
+    """One pass over the block: per thread (``[ROWS, S]`` each) the ``N`` best keys of ``zd`` (lists of up to 4,
+    or 8 [+ a 9th when N = 9]); the row max of ``z'`` (SteerMoE's force value); the offset ``off`` (the first
+    chunk's max of ``z'``) and ``Σ exp(zd - off)``."""
+    LOW: tl.constexpr = (1 << CB) - 1
+    s = tl.arange(0, S)
+    c = tl.arange(0, 8)
+    taken = tl.full([ROWS, S], _TAKEN, tl.int32)
+    l0 = taken
+    l1 = taken
+    l2 = taken
+    l3 = taken
+    l4 = taken
+    l5 = taken
+    l6 = taken
+    l7 = taken
+    l8 = taken
+    row_max = tl.full([ROWS, S], -float("inf"), tl.float32)
+    off = tl.zeros([ROWS, S], tl.float32)
+    off_l2 = tl.zeros([ROWS, S], tl.float32)
+    acc = tl.zeros([ROWS, S], tl.float32)
+    base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
+    for ch in tl.static_range(E_PAD // (8 * S)):
+        cols = ch * 8 * S + s[:, None] * 8 + c[None, :]  # [S, 8]
+        if SPARSE:  # this chunk's bits of the special-column words (32 columns a word)
+            word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
+            # a shift per thread, then one test of a fixed bit per element
+            special = ((word >> ((ch * 8 * S) % 32 + s * 8))[:, None] & (1 << c)[None, :]) != 0
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, special)
+            if HAS_FORCE:  # the non-special part of the row max (the special part comes from gathers)
+                row_max = tl.maximum(row_max, tl.max(zd, 2))
+        else:
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+            if HAS_FORCE:
+                row_max = tl.maximum(row_max, tl.max(z, 2))
+        if SUM:
+            if ch == 0:
+                off = tl.max(z, 2)
+                if not EVEN:  # a thread whose first chunk is all padding
+                    off = tl.where(off == -float("inf"), 0.0, off)
+                off_l2 = off * _LOG2E
+            acc += tl.sum(_exp2_off(zd, off_l2[:, :, None], PRECISE), 2)
+        key = _key32(zd, cols[None, :, :], CB)
+        if N > 4:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _sort8(key)
+            l0, l1, l2, l3, l4, l5, l6, l7, l8 = _merge8(l0, l1, l2, l3, l4, l5, l6, l7, l8,
+                                                         c0, c1, c2, c3, c4, c5, c6, c7, N > 8)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(key)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c0, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c1, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c2, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c3, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c4, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c5, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c6, N)
+            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c7, N)
+    return l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc
+
+
+@triton.jit
+def _key_value(key, CB: tl.constexpr):
+    """The float32 a 32-bit key was made from, its low CB bits cleared (within 2^CB ulp, for the offset guard)."""
+    o = key & ~((1 << CB) - 1)
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr, K: tl.constexpr,
+          SLOTS: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, LOSSY: tl.constexpr, SLOTS1: tl.constexpr):
+    """k rounds over the S threads of each row: take the best list head, shift that thread's list; pick j goes to
+    slot ``n_forced + j``. Returns the ``[ROWS, SLOTS]`` int32 columns (slots before ``n_forced`` left 0) and, when
+    ``LOSSY``, the columns of the k+1 best keys with a flag on each that shares its high bits with a neighbour
+    (``[ROWS, SLOTS1]`` each): their dropped low bits could have ordered them differently."""
+    LOW: tl.constexpr = (1 << CB) - 1
+    slot = tl.arange(0, SLOTS)
+    sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
+    slot1 = tl.arange(0, SLOTS1)
+    cols = tl.zeros([ROWS, SLOTS1], dtype=tl.int32)
+    near = tl.zeros([ROWS, SLOTS1], dtype=tl.int32)
+    prev = tl.max(l0, 1)
+    for j in tl.static_range(K + LOSSY):
+        m = tl.max(l0, 1)
+        col = LOW - (m & LOW)
+        from_list = m == m  # all true
+        if cand is not None:  # exact list keys (16-bit scores: low bits 0) made 64-bit, against the candidates
+            lkey = ((((m & ~LOW) | ((m >> 31) & LOW)).to(tl.int64) << 32) | (0x7FFFFFFF - col))
+            mc = tl.max(cand, 1)
+            from_list = lkey > mc
+            col = tl.where(from_list, col, (0x7FFFFFFF - (mc & 0x7FFFFFFF)).to(tl.int32))
+            if j < K:
+                cand = tl.where((cand == mc[:, None]) & ~from_list[:, None], _TAKEN64, cand)
+        if LOSSY:
+            if j > 0:
+                tie = (((m ^ prev) & ~LOW) == 0) & (m != _TAKEN)
+                near = tl.where(((slot1[None, :] == j) | (slot1[None, :] == j - 1)) & tie[:, None], 1, near)
+            cols = tl.where(slot1[None, :] == j, col[:, None], cols)
+        prev = m
+        if j < K:
+            win = (l0 == m[:, None]) & from_list[:, None]
+            if N > 4:
+                l0 = tl.where(win, l1, l0)
+                l1 = tl.where(win, l2, l1)
+                l2 = tl.where(win, l3, l2)
+                l3 = tl.where(win, l4, l3)
+                l4 = tl.where(win, l5, l4)
+                l5 = tl.where(win, l6, l5)
+                l6 = tl.where(win, l7, l6)
+                l7 = tl.where(win, l8, l7)
+                l8 = tl.where(win, _TAKEN, l8)
+            else:
+                l0 = tl.where(win, l1, l0)
+                l1 = tl.where(win, l2, l1)
+                l2 = tl.where(win, l3, l2)
+                l3 = tl.where(win, _TAKEN, l3)
+            sel = tl.where(slot[None, :] == j + n_forced, col[:, None], sel)
+    return sel, cols, near
+
+
+@triton.jit
+def _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROWS: tl.constexpr, S: tl.constexpr,
+                  E_PAD: tl.constexpr, EVEN: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The selection again with exact 64-bit keys (order bits << 32 | 2^31 - 1 - column), one streamed pass per
+    pick (each takes the best key below the previous pick): ``[ROWS, SLOTS]`` int32 columns."""
+    s = tl.arange(0, S)
+    c = tl.arange(0, 8)
+    slot = tl.arange(0, SLOTS)
+    sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
+    prev = tl.full([ROWS], 9223372036854775807, tl.int64)
+    base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
+    for j in tl.range(0, K, loop_unroll_factor=1):  # runtime loops: a rare path, kept small and register-light
+        best = tl.full([ROWS, S], _TAKEN64, tl.int64)
+        for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
+            cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+            col_ok = cols < E
+            _, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+            low = tl.where(col_ok, 0x7FFFFFFF - cols, 0).to(tl.int64)
+            key = (_order_bits(zd).to(tl.int64) << 32) | low[None, :, :]
+            key = tl.where(key < prev[:, None, None], key, _TAKEN64)
+            best = tl.maximum(best, tl.max(key, 2))
+        m = tl.max(best, 1)
+        prev = m
+        sel = tl.where(slot[None, :] == j + n_forced, (0x7FFFFFFF - (m & 0x7FFFFFFF)).to(tl.int32)[:, None], sel)
+    return sel
+
+
+@triton.jit
+def _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS: tl.constexpr, S: tl.constexpr,
+               E_PAD: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """``Σ exp(zd - mx)`` per row, streamed again (the offset sums could have over- or underflowed)."""
+    s = tl.arange(0, S)
+    c = tl.arange(0, 8)
+    acc = tl.zeros([ROWS, S], tl.float32)
+    base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
+    for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
+        cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+        _, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+        acc += tl.sum(_exp(zd - mx[:, None, None], PRECISE), 2)
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _key32(x, cols, CB: tl.constexpr):
+    """The selection key of float32 scores ``x`` at ``cols``: order bits, the low CB bits set to 2^CB - 1 - column
+    (``LOW ^ column``: the column has only those bits)."""
+    b32 = x.to(tl.int32, bitcast=True)
+    return ((b32 ^ ((b32 >> 31) & 0x7FFFFFFF)) | ((1 << CB) - 1)) ^ cols
+
+
+@triton.jit(do_not_specialize=["n_forced", "n_cand", "n_drop"])
+def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling, n_forced,
+                        n_cand, n_drop,
+                        FAMILY: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
+                        E_PAD: tl.constexpr, EVEN: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr,
+                        CB: tl.constexpr, LOSSY: tl.constexpr, EXACT_KEYS: tl.constexpr, SPARSE: tl.constexpr,
+                        C_PAD: tl.constexpr, D_PAD: tl.constexpr, D_BIAS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
+                        HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
+                        RENORM: tl.constexpr, PRECISE: tl.constexpr):
+    """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2); see the module docstring.
+
+    ``SPARSE``: the special columns (any bias or mask) leave the stream through one bit each and come back as
+    gathers: ``n_cand`` enabled biased columns (``CCOL``) compete in the picks and join the sum; the ``n_drop``
+    disabled and forced ones (``DCOL``) only count for the row max (force; ``D_BIAS``: some of them are biased)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < T
+    itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
+    N: tl.constexpr = K + LOSSY  # the k+1 best tell whether the 32-bit keys were exact
+    SUM: tl.constexpr = FAMILY != _GPT_OSS
+    # the row max: a running max in the stream where the keys cannot give it exactly
+    MAX_IN_STREAM: tl.constexpr = HAS_FORCE and not SPARSE
+    l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
+        logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
+        HAS_MASK, MAX_IN_STREAM, SPARSE, PRECISE)
+    if SUM:  # a thread whose best enabled score is far from its offset: its sum may have over- or underflowed
+        best = _key_value(l0, CB) - off
+        far = ((best > _SPAN) | ((best < -_SPAN) & (l0 != _TAKEN))).to(tl.int32)
+        far_any = tl.max(tl.max(far, 1) & row_ok.to(tl.int32), 0)
+    if HAS_FORCE:
+        if MAX_IN_STREAM:
+            row_max = tl.max(row_max, 1)
+        else:  # exact keys: the best key is the non-special max (a key at or below -inf's: none)
+            top = tl.max(l0, 1)
+            row_max = tl.where(top > _NEG_INF_KEY, _key_value(top, CB), -float("inf"))
+    cand = None
+    if SPARSE:
+        if C_PAD > 0:
+            cj = tl.arange(0, C_PAD)
+            ccol = tl.load(itabs + _CCOL * E + cj, mask=cj < n_cand, other=0)
+            cok = row_ok[:, None] & (cj < n_cand)[None, :]
+            zc = _steered_at(logits_ptr, stride_t, rows, ccol[None, :], cok, tabs_ptr, E, None, force_delta,
+                             HAS_BIAS, False, False) + 0.0
+            cand = tl.where(cok, (_order_bits(zc).to(tl.int64) << 32) | (0x7FFFFFFF - ccol)[None, :], _TAKEN64)
+            if HAS_FORCE:
+                row_max = tl.maximum(row_max, tl.max(tl.where(cok, zc, -float("inf")), 1))
+        if HAS_FORCE:
+            if D_PAD > 0:  # 8 columns a step, as many steps as there are dropped columns
+                for d0 in tl.range(0, n_drop, 8, loop_unroll_factor=1):
+                    dj = d0 + tl.arange(0, 8)
+                    dcol = tl.load(itabs + _DCOL * E + dj, mask=dj < n_drop, other=0)
+                    dok = row_ok[:, None] & (dj < n_drop)[None, :]
+                    zdr = _steered_at(logits_ptr, stride_t, rows, dcol[None, :], dok, tabs_ptr, E, None,
+                                      force_delta, D_BIAS, False, False)
+                    row_max = tl.maximum(row_max, tl.max(tl.where(dok, zdr, -float("inf")), 1))
+    sel, cols, near = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS, K, SLOTS, N, CB, LOSSY,
+                            SLOTS1)
+    if LOSSY:  # keys that share their high bits, from scores with low bits set: select again, exactly
+        near = near & row_ok[:, None].to(tl.int32)
+        if tl.max(tl.max(near, 1), 0) != 0:  # exact ties of bf16 logits land here too: check the low bits
+            zn = _steered_at(logits_ptr, stride_t, rows, cols, (near != 0) & (cols < E), tabs_ptr, E, None,
+                             force_delta, HAS_BIAS, False, False) + 0.0
+            low = (zn.to(tl.int32, bitcast=True) & ((1 << CB) - 1)) != 0
+            if tl.max(tl.max((low & (near != 0)).to(tl.int32), 1), 0) != 0:
+                sel = _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROWS, S, E_PAD, EVEN,
+                                    K, SLOTS, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+    slot = tl.arange(0, SLOTS)
+    if HAS_FORCE:  # forced experts first, ascending: their score row max + δ is above every other
+        sel = tl.where(slot[None, :] < n_forced,
+                       tl.load(itabs + _FCOL * E + slot, mask=slot < n_forced, other=0)[None, :], sel)
+    else:
+        row_max = tl.zeros([ROWS], tl.float32)
+    ok = row_ok[:, None] & (slot[None, :] < K)
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS, HAS_MASK,
+                     True)
+    zs = tl.where(ok, zs, -float("inf"))
+    mx = tl.max(zs, 1)  # the best selected score: the row max of the steered scores
+    if SUM:
+        if far_any != 0:  # every enabled column, the sparse form's candidates included
+            denom = _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS, S, E_PAD, EVEN, HAS_BIAS,
+                               HAS_BIAS_ABS, HAS_MASK, PRECISE)
+        else:
+            denom = tl.sum(acc * _exp2_off(off, mx[:, None] * _LOG2E, PRECISE), 1)
+            if cand is not None:
+                denom = denom + tl.sum(tl.where(cok, _exp(zc - mx[:, None], PRECISE), 0.0), 1)
+        if HAS_FORCE:  # forced experts left the sum; each adds exp(row max + δ - mx)
+            denom = denom + n_forced.to(tl.float32) * _exp(row_max + force_delta - mx, PRECISE)
+        w = tl.where(ok, tl.math.div_rn(_exp(zs - mx[:, None], PRECISE), denom[:, None]), 0.0)
+        if FAMILY == _SOFTMAX:
+            if RENORM:
+                w = tl.math.div_rn(w, tl.sum(w, 1)[:, None])
+        else:
+            w = w * scaling
+    else:
+        e = _exp(zs - mx[:, None], PRECISE)
+        w = tl.math.div_rn(e, tl.sum(e, 1)[:, None])
+    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+
+
+def stream_config(num_experts: int, num_tokens: int, threads_per_row: int | None = None,
+                  num_warps: int | None = None) -> tuple[int, int, int, int]:
+    """``(E_PAD, S, ROWS, num_warps)``: S threads per row (4 once the row has 32 experts: 64 contiguous bytes of
+    bf16 per row and load), ``32 / S`` rows per warp, one warp."""
+    e_pad = triton.next_power_of_2(max(num_experts, 8))
+    s = threads_per_row or min(4, e_pad // 8)
+    s = max(1, min(s, e_pad // 8))
+    if num_warps is None:
+        num_warps = 1  # programs of one warp: more of them resident per SM, no block-wide barrier
+    return e_pad, s, (32 // s) * num_warps, num_warps
+
+
+SPARSE_MAX = 64  # special columns beyond which the dense tables (one load per column) are cheaper than gathers
+
+
+def stream_rows(mask: np.ndarray, bias: np.ndarray, bias_abs: np.ndarray
+                ) -> tuple[np.ndarray, tuple[int, int, bool]]:
+    """The derived table rows DROP, FCOL, SPW, CCOL, DCOL (see ``triton_common``) of a layer, ``[5, E]`` float32,
+    and for the sparse form: the counts of enabled biased columns and of disabled and forced columns, and whether
+    any of the latter is biased."""
+    E = mask.shape[0]
+    drop = np.where(mask != 0, -np.inf, 0.0).astype(np.float32)
+    special = (mask != 0) | (bias != 0) | (bias_abs != 0)
+    rows = np.zeros((4, E), dtype=np.int32)
+    forced = np.flatnonzero(mask > 0)
+    rows[0, :forced.size] = forced
+    words = np.zeros(-(-E // 32), dtype=np.uint64)
+    np.add.at(words, np.flatnonzero(special) // 32, np.left_shift(1, np.flatnonzero(special) % 32).astype(np.uint64))
+    rows[1, :words.size] = words.astype(np.uint32).view(np.int32)
+    cand = np.flatnonzero(special & (mask == 0))
+    dropped = np.flatnonzero(mask != 0)
+    rows[2, :cand.size] = cand
+    rows[3, :dropped.size] = dropped
+    drop_biased = bool(((bias != 0) | (bias_abs != 0))[dropped].any())
+    return np.concatenate([drop[None], rows.view(np.float32)]), (int(cand.size), int(dropped.size), drop_biased)
