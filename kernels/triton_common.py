@@ -108,21 +108,6 @@ def _split8(x):
 
 
 @triton.jit
-def _pop(win, l0, l1, l2, l3, l4, l5, l6, l7, l8):
-    """Each descending list ``l0..l8`` whose head was taken (``win``) moves up by one; its last becomes _TAKEN."""
-    l0 = tl.where(win, l1, l0)
-    l1 = tl.where(win, l2, l1)
-    l2 = tl.where(win, l3, l2)
-    l3 = tl.where(win, l4, l3)
-    l4 = tl.where(win, l5, l4)
-    l5 = tl.where(win, l6, l5)
-    l6 = tl.where(win, l7, l6)
-    l7 = tl.where(win, l8, l7)
-    l8 = tl.where(win, _TAKEN, l8)
-    return l0, l1, l2, l3, l4, l5, l6, l7, l8
-
-
-@triton.jit
 def _sort8(x):
     """The last dimension (8 entries) sorted descending by Knuth's 19-comparator network: eight tensors, rank 0
     first."""

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SPW, _TAKEN, _TAKEN64, _ce, _exp,
-                            _finish, _order_bits, _pop, _sort8, _split8, _steered_at)
+                            _finish, _order_bits, _sort8, _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS = (tl.constexpr(i) for i in range(3))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
@@ -255,9 +255,20 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
         if j < K:
             win = (l0 == m[:, None]) & from_list[:, None]
             if N > 4:
-                l0, l1, l2, l3, l4, l5, l6, l7, l8 = _pop(win, l0, l1, l2, l3, l4, l5, l6, l7, l8)
+                l0 = tl.where(win, l1, l0)
+                l1 = tl.where(win, l2, l1)
+                l2 = tl.where(win, l3, l2)
+                l3 = tl.where(win, l4, l3)
+                l4 = tl.where(win, l5, l4)
+                l5 = tl.where(win, l6, l5)
+                l6 = tl.where(win, l7, l6)
+                l7 = tl.where(win, l8, l7)
+                l8 = tl.where(win, _TAKEN, l8)
             else:
-                l0, l1, l2, l3, _, _, _, _, _ = _pop(win, l0, l1, l2, l3, _TAKEN, _TAKEN, _TAKEN, _TAKEN, _TAKEN)
+                l0 = tl.where(win, l1, l0)
+                l1 = tl.where(win, l2, l1)
+                l2 = tl.where(win, l3, l2)
+                l3 = tl.where(win, _TAKEN, l3)
             sel = tl.where(slot[None, :] == j + n_forced, col[:, None], sel)
     return sel, cols, near
 
