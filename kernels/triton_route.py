@@ -393,6 +393,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
 
     ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy and gpt-oss with k <= 8), "rows"
     (this module's kernels, every family), "auto": stream where it applies."""
+    if impl not in ("auto", "rows", "stream"):
+        raise InputError(f"unknown kernel impl {impl!r}; expected 'auto', 'rows' or 'stream'")
     if not isinstance(rule, _FAMILIES):
         raise InputError(f"no Triton routing kernel for {type(rule).__name__}; use the torch steering backend")
     if not (logits.is_cuda or _INTERPRET):
@@ -434,7 +436,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             PRECISE=precise, num_warps=warps, enable_fp_fusion=False)
         return weights, indices
     if impl == "stream":
-        raise InputError(f"no streamed kernel for {type(rule).__name__} with k={k}; use impl='rows'")
+        why = "a force with δ <= 0" if _streams(rule) else f"{type(rule).__name__} with k={k}"
+        raise InputError(f"no streamed kernel for {why}; use impl='rows' or 'auto'")
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
     grid = (triton.cdiv(T, block_t),)
     # slots: the k picks laid out like the chunk heads (one per thread) when there are at least k chunks

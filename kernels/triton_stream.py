@@ -182,9 +182,8 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
             word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
             # a shift per thread, then one test of a fixed bit per element
             special = ((word >> ((ch * 8 * S) % 32 + s * 8))[:, None] & (1 << c)[None, :]) != 0
+            # the row max comes from the exact keys and the gathers (the kernel passes HAS_FORCE off here)
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, special)
-            if HAS_FORCE:  # the non-special part of the row max (the special part comes from gathers)
-                row_max = tl.maximum(row_max, tl.max(zd, 2))
         else:
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
             if HAS_FORCE:

@@ -603,3 +603,18 @@ def test_stream_biased_expert_ties_an_unbiased_one_in_its_high_bits(name):
             _assert_same(name, w, i, *masked_route(z, rule, t), rtol=8e-3, atol=1e-6)
         if name not in UNORDERED:
             assert (i[:, 0] == (9 if b > 0 else 3)).all() and (i[:, 1] == (3 if b > 0 else 9)).all(), (b, i)
+
+
+@interp
+def test_route_kernel_impl_errors_are_one_line():
+    from routelens.kernels.triton_route import route_kernel
+
+    z = _distinct_logits(2, 16, torch.bfloat16, seed=1)
+    with pytest.raises(InputError, match=r"unknown kernel impl 'fast'; expected 'auto', 'rows' or 'stream'"):
+        route_kernel(z, SoftmaxTopK(2, True), None, impl="fast")
+    with pytest.raises(InputError, match=r"no streamed kernel for DeepseekV3Rule with k=3"):
+        route_kernel(z, RULES["deepseek_v3"](16), None, impl="stream")
+    with pytest.raises(InputError, match=r"no streamed kernel for a force with δ <= 0"):
+        route_kernel(z, SoftmaxTopK(2, True), _tables(16, force=[1]), force_delta=0.0, impl="stream")
+    w, i = route_kernel(z, SoftmaxTopK(2, True), _tables(16, force=[1]), force_delta=0.0)  # auto: the rows kernel
+    assert (i[:, 0] == 1).all()
