@@ -388,7 +388,7 @@ def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, t
 def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: float = 0.01, *,
                  block_rows: int | None = None, num_warps: int | None = None, precise: bool | None = None,
                  impl: str = "auto", threads_per_row: int | None = None,
-                 _device: tuple | None = None) -> tuple[Tensor, Tensor]:
+                 _device: tuple | None = None, _stream_opts: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``.
 
     ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy and gpt-oss with k <= 8), "rows"
@@ -423,17 +423,23 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         exact_keys = logits.dtype in (torch.bfloat16, torch.float16) and e_pad <= 1 << 13
         # the sparse form needs exact stream keys: its special columns compare exactly against them
         sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
+        lossy = (has_bias and not sparse) or not exact_keys
+        # measured side by side on the H100 (benchmarks/results/stream_variants_gpu.json): decode the picks'
+        # scores from their keys for k <= 4 and gather them for k = 8; keep -0.0 in the keys (an add per logit
+        # less, a block with a pick of value 0 selected again) for k = 8 in the families with a softmax sum
+        opts = dict(VALS=k <= 4, KEEP_SIGN=not lossy and k > 4 and family != 2)
+        opts.update(_stream_opts or {})
         _stream_topk_kernel[(triton.cdiv(T, rows),)](
             logits, logits.stride(0), tab, weights, indices, T, E, fd,
             float(rule.scaling) if family == 1 else 1.0, n_forced, n_cand, n_drop, FAMILY=family, K=k,
             SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=e_pad, EVEN=e_pad == E, S=s,
-            ROWS=rows, CB=e_pad.bit_length() - 1, LOSSY=(has_bias and not sparse) or not exact_keys,
+            ROWS=rows, CB=e_pad.bit_length() - 1, LOSSY=lossy,
             EXACT_KEYS=exact_keys, SPARSE=sparse, C_PAD=triton.next_power_of_2(n_cand) if sparse and n_cand else 0,
             D_PAD=triton.next_power_of_2(n_drop) if sparse and n_drop else 0, D_BIAS=drop_biased,
             HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
             HAS_FORCE=has_mask and has_force and force_delta > 0, HAS_BOOST=has_boost,
             RENORM_BOOST=has_boost and renorm_boost, RENORM=family == 0 and bool(rule.renormalize),
-            PRECISE=precise, num_warps=warps, enable_fp_fusion=False)
+            PRECISE=precise, num_warps=warps, enable_fp_fusion=False, **opts)
         return weights, indices
     if impl == "stream":
         why = "a force with δ <= 0" if _streams(rule) else f"{type(rule).__name__} with k={k}"

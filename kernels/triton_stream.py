@@ -13,23 +13,30 @@ row in 8-expert chunks (one 16-byte load of bf16; chunk ``ch`` of thread ``s`` h
   ``ex2.approx`` and one add per logit, no running-max rescaling. A block where some thread's best enabled score
   lies more than 60 from its offset (where the sum could over- or underflow) gets its sums again, against the
   row max (``_sum_again``);
-- the row max of the steered logits (SteerMoE's force value), only when something is forced.
-Only at the end do the S threads combine: k picks of the best list head (log2(S) shuffles each).
+- the row max of the logits (SteerMoE's force value), only when something is forced.
+Only at the end do the S threads combine: k picks of the best list head (log2(S) shuffles each). The stream's
+offset sums are combined outside any branch: used only in the branch that skips ``_sum_again``, the compiler sank
+the exponentials into it and kept all of a thread's scores live through the stream (99-127 registers against
+64-79).
 
 Steering. Where a layer's spec touches at most ``SPARSE_MAX`` experts and the logits are 16-bit (exact keys),
 each touched ("special") expert leaves the stream through one bit (``SPW``: a shift per thread and chunk, a bit
 test and a select per logit) and comes back as gathers at the end: the enabled biased ones (``CCOL``) compete in
-the picks with exact 64-bit keys and join the sum; the disabled and forced ones (``DCOL``) give their part of the
-row max (SteerMoE's force value). Otherwise one table row per column, ``DROP`` (-inf at disabled and forced
-experts), is added to the biased logits. Either way forced experts take the first slots (their score, row max + δ,
+the picks with exact 64-bit keys and join the sum. The force value is the stream's running max of the raw logits
+and the candidates' biased ones, unless a biased expert holds the raw max (or a disabled or forced one is biased):
+then the block takes it apart from the best key (exact), the candidates and the gathered disabled and forced
+experts (``DCOL``). Otherwise one table row per column, ``DROP`` (-inf at disabled and forced experts), is added to
+the biased logits. Either way forced experts take the first slots (their score, row max + δ,
 is above every other), in ascending column order as ``torch.topk`` breaks their tie.
 
 Keys: the score's order bits with the low ``CB`` bits replaced by ``2^CB - 1 - column`` (ties -> lower column);
 exact for 16-bit logits outside the biased columns. Otherwise (``LOSSY``: float32 logits, or biases in the dense
 form) the lists keep k+1 keys, and a block where two
 consecutive of them share their high bits is selected again with exact 64-bit keys (``_select_exact``, k
-streamed passes: slow and few registers, for a case that needs a float32 tie in the top 24 bits). The selected
-experts' weights are recomputed from the logits (``_steered_at``), bit for bit as in the other kernel.
+streamed passes: slow and few registers, for a case that needs a float32 tie in the top 24 bits). With exact keys
+the picks' scores are decoded from them (``VALS``), else recomputed from the logits (``_steered_at``), bit for bit
+as in the other kernel. ``KEEP_SIGN`` (exact keys) skips turning -0.0 into +0.0 in the stream; a block with a pick
+of value 0, which could be misordered against another zero, is selected again with ``_select_exact``.
 """
 from __future__ import annotations
 
@@ -56,21 +63,44 @@ def _exp2_off(zd, off_l2, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _load(base, cols, row_ok, E, EVEN: tl.constexpr):
+    """The logits of one chunk ``[ROWS, S, 8]``, as stored (one 16-byte load per thread for bf16)."""
+    if EVEN:
+        return tl.load(base + cols[None, :, :], mask=row_ok[:, None, None], other=0.0)
+    else:
+        return tl.load(base + cols[None, :, :], mask=row_ok[:, None, None] & (cols < E)[None, :, :], other=0.0)
+
+
+@triton.jit
+def _fetch(base, itabs, ch, s, c, row_ok, E, S: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr):
+    """Chunk ``ch``'s logits and, for the sparse form, each thread's bits of the special-column word (32 columns a
+    word) shifted to its 8 columns; issued ahead of use (``_stream``'s prefetch window)."""
+    raw = _load(base, ch * 8 * S + s[:, None] * 8 + c[None, :], row_ok, E, EVEN)
+    if SPARSE:
+        word = tl.load(itabs + _SPW * E + (ch * 8 * S) // 32)
+        return raw, word >> ((ch * 8 * S) % 32 + s * 8)
+    else:
+        return raw, s
+
+
+@triton.jit
 def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-           HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, special=None):
+           HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, special=None, raw=None, CANON: tl.constexpr = True):
     """One chunk ``[ROWS, S, 8]`` of the block: ``z' = z + b (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``,
-    which is ``z'`` with -inf at disabled and forced experts (and +0.0 for -0.0, as a float comparison sees it)."""
+    which is ``z'`` with -inf at disabled and forced experts (and, when ``CANON``, +0.0 for -0.0, as a float
+    comparison sees it; otherwise the caller checks picks of value 0). ``raw``: the chunk's logits when already
+    loaded."""
+    if raw is None:
+        raw = _load(base, cols, row_ok, E, EVEN)
     if special is not None:  # the sparse form: special columns (steered in any way) leave, as -inf
-        if EVEN:
-            z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None], other=0.0).to(tl.float32)
-        else:
-            col_ok = cols < E
-            z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :],
-                        other=0.0).to(tl.float32)
-            z = tl.where(col_ok[None, :, :], z, -float("inf"))
-        zd = tl.where(special[None, :, :], -float("inf"), z + 0.0)
+        z = raw.to(tl.float32)
+        if not EVEN:
+            z = tl.where((cols < E)[None, :, :], z, -float("inf"))
+        if CANON:
+            z = z + 0.0
+        zd = tl.where(special[None, :, :], -float("inf"), z)
     elif EVEN:  # no column masks: the table loads stay 16-byte vectors
-        z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None], other=0.0).to(tl.float32)
+        z = raw.to(tl.float32)
         if HAS_BIAS:
             zb = z + tl.load(tabs_ptr + _BIAS * E + cols)[None, :, :]
             if HAS_BIAS_ABS:
@@ -78,12 +108,13 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
             z = zb
         if HAS_MASK:  # + 0.0 where kept, which also turns -0.0 into +0.0
             zd = z + tl.load(tabs_ptr + _DROP * E + cols)[None, :, :]
-        else:
+        elif CANON:
             zd = z + 0.0
+        else:
+            zd = z
     else:
         col_ok = cols < E
-        z = tl.load(base + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :],
-                    other=0.0).to(tl.float32)
+        z = raw.to(tl.float32)
         if HAS_BIAS:
             zb = z + tl.load(tabs_ptr + _BIAS * E + cols, mask=col_ok, other=0.0)[None, :, :]
             if HAS_BIAS_ABS:
@@ -92,8 +123,10 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
         z = tl.where(col_ok[None, :, :], z, -float("inf"))
         if HAS_MASK:
             zd = z + tl.load(tabs_ptr + _DROP * E + cols, mask=col_ok, other=0.0)[None, :, :]
-        else:
+        elif CANON:
             zd = z + 0.0
+        else:
+            zd = z
     return z, zd
 
 
@@ -154,7 +187,7 @@ def _merge8(l0, l1, l2, l3, l4, l5, l6, l7, l8, c0, c1, c2, c3, c4, c5, c6, c7, 
 def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr, S: tl.constexpr,
             E_PAD: tl.constexpr, EVEN: tl.constexpr, CB: tl.constexpr, N: tl.constexpr, SUM: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
-            SPARSE: tl.constexpr, PRECISE: tl.constexpr):
+            SPARSE: tl.constexpr, PRECISE: tl.constexpr, CANON: tl.constexpr):
     """One pass over the block: per thread (``[ROWS, S]`` each) the ``N`` best keys of ``zd`` (lists of up to 4,
     or 8 [+ a 9th when N = 9]); the row max of ``z'`` (SteerMoE's force value); the offset ``off`` (the first
     chunk's max of ``z'``) and ``Σ exp(zd - off)``."""
@@ -176,18 +209,24 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
     off_l2 = tl.zeros([ROWS, S], tl.float32)
     acc = tl.zeros([ROWS, S], tl.float32)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
-    for ch in tl.static_range(E_PAD // (8 * S)):
+    itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
+    NCH: tl.constexpr = E_PAD // (8 * S)
+    # the next chunk's load is issued before this chunk's work (ptxas schedules the loads itself; a wider window
+    # written here compiled to the same SASS)
+    nxt, nxt_sh = _fetch(base, itabs, 0, s, c, row_ok, E, S, EVEN, SPARSE)
+    for ch in tl.static_range(NCH):
         cols = ch * 8 * S + s[:, None] * 8 + c[None, :]  # [S, 8]
-        if SPARSE:  # this chunk's bits of the special-column words (32 columns a word)
-            word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
-            # a shift per thread, then one test of a fixed bit per element
-            special = ((word >> ((ch * 8 * S) % 32 + s * 8))[:, None] & (1 << c)[None, :]) != 0
-            # the row max comes from the exact keys and the gathers (the kernel passes HAS_FORCE off here)
-            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, special)
+        raw = nxt
+        sh = nxt_sh
+        if ch + 1 < NCH:
+            nxt, nxt_sh = _fetch(base, itabs, ch + 1, s, c, row_ok, E, S, EVEN, SPARSE)
+        if SPARSE:  # one test of a fixed bit per element: special columns (steered in any way) leave
+            special = (sh[:, None] & (1 << c)[None, :]) != 0
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, special, raw, CANON)
         else:
-            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
-            if HAS_FORCE:
-                row_max = tl.maximum(row_max, tl.max(z, 2))
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, None, raw, CANON)
+        if HAS_FORCE:  # sparse form: the raw logits, biased columns included (the kernel checks those)
+            row_max = tl.maximum(row_max, tl.max(z, 2))
         if SUM:
             if ch == 0:
                 off = tl.max(z, 2)
@@ -221,15 +260,25 @@ def _key_value(key, CB: tl.constexpr):
 
 
 @triton.jit
+def _key_exact(key, CB: tl.constexpr):
+    """The float32 an exact 32-bit key was made from (scores with zero low CB bits: 16-bit logits, unbiased): the
+    order bits get their low bits back (0, or 1 for negative scores, whose order bits are inverted)."""
+    o = (key & ~((1 << CB) - 1)) | ((key >> 31) & ((1 << CB) - 1))
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr, K: tl.constexpr,
           SLOTS: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, LOSSY: tl.constexpr, SLOTS1: tl.constexpr):
     """k rounds over the S threads of each row: take the best list head, shift that thread's list; pick j goes to
-    slot ``n_forced + j``. Returns the ``[ROWS, SLOTS]`` int32 columns (slots before ``n_forced`` left 0) and, when
-    ``LOSSY``, the columns of the k+1 best keys with a flag on each that shares its high bits with a neighbour
+    slot ``n_forced + j``. Returns the ``[ROWS, SLOTS]`` int32 columns (slots before ``n_forced`` left 0), their
+    scores when the keys are exact (not ``LOSSY``: no gather of the picked logits needed), and, when ``LOSSY``,
+    the columns of the k+1 best keys with a flag on each that shares its high bits with a neighbour
     (``[ROWS, SLOTS1]`` each): their dropped low bits could have ordered them differently."""
     LOW: tl.constexpr = (1 << CB) - 1
     slot = tl.arange(0, SLOTS)
     sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
+    obits = tl.zeros([ROWS, SLOTS], dtype=tl.int32)  # the picks' order bits (exact keys only)
     slot1 = tl.arange(0, SLOTS1)
     cols = tl.zeros([ROWS, SLOTS1], dtype=tl.int32)
     near = tl.zeros([ROWS, SLOTS1], dtype=tl.int32)
@@ -238,11 +287,12 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
         m = tl.max(l0, 1)
         col = LOW - (m & LOW)
         from_list = m == m  # all true
-        if cand is not None:  # exact list keys (16-bit scores: low bits 0) made 64-bit, against the candidates
-            lkey = ((((m & ~LOW) | ((m >> 31) & LOW)).to(tl.int64) << 32) | (0x7FFFFFFF - col))
+        ob = (m & ~LOW) | ((m >> 31) & LOW)  # exact keys: the score's order bits (its low bits were 0)
+        if cand is not None:  # exact list keys made 64-bit, against the candidates
             mc = tl.max(cand, 1)
-            from_list = lkey > mc
+            from_list = ((ob.to(tl.int64) << 32) | (0x7FFFFFFF - col)) > mc
             col = tl.where(from_list, col, (0x7FFFFFFF - (mc & 0x7FFFFFFF)).to(tl.int32))
+            ob = tl.where(from_list, ob, (mc >> 32).to(tl.int32))
             if j < K:
                 cand = tl.where((cand == mc[:, None]) & ~from_list[:, None], _TAKEN64, cand)
         if LOSSY:
@@ -269,7 +319,9 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
                 l2 = tl.where(win, l3, l2)
                 l3 = tl.where(win, _TAKEN, l3)
             sel = tl.where(slot[None, :] == j + n_forced, col[:, None], sel)
-    return sel, cols, near
+            if not LOSSY:
+                obits = tl.where(slot[None, :] == j + n_forced, ob[:, None], obits)
+    return sel, (obits ^ ((obits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True), cols, near
 
 
 @triton.jit
@@ -333,7 +385,8 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         C_PAD: tl.constexpr, D_PAD: tl.constexpr, D_BIAS: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
-                        RENORM: tl.constexpr, PRECISE: tl.constexpr):
+                        RENORM: tl.constexpr, PRECISE: tl.constexpr, VALS: tl.constexpr,
+                        KEEP_SIGN: tl.constexpr):
     """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2); see the module docstring.
 
     ``SPARSE``: the special columns (any bias or mask) leave the stream through one bit each and come back as
@@ -344,21 +397,15 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
     N: tl.constexpr = K + LOSSY  # the k+1 best tell whether the 32-bit keys were exact
     SUM: tl.constexpr = FAMILY != _GPT_OSS
-    # the row max: a running max in the stream where the keys cannot give it exactly
-    MAX_IN_STREAM: tl.constexpr = HAS_FORCE and not SPARSE
     l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
         logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
-        HAS_MASK, MAX_IN_STREAM, SPARSE, PRECISE)
+        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN)
     if SUM:  # a thread whose best enabled score is far from its offset: its sum may have over- or underflowed
         best = _key_value(l0, CB) - off
         far = ((best > _SPAN) | ((best < -_SPAN) & (l0 != _TAKEN))).to(tl.int32)
         far_any = tl.max(tl.max(far, 1) & row_ok.to(tl.int32), 0)
-    if HAS_FORCE:
-        if MAX_IN_STREAM:
-            row_max = tl.max(row_max, 1)
-        else:  # exact keys: the best key is the non-special max (a key at or below -inf's: none)
-            top = tl.max(l0, 1)
-            row_max = tl.where(top > _NEG_INF_KEY, _key_value(top, CB), -float("inf"))
+    if HAS_FORCE:  # the dense form: the max of the steered logits; the sparse form: of the raw ones
+        row_max = tl.max(row_max, 1)
     cand = None
     if SPARSE:
         if C_PAD > 0:
@@ -368,19 +415,34 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
             zc = _steered_at(logits_ptr, stride_t, rows, ccol[None, :], cok, tabs_ptr, E, None, force_delta,
                              HAS_BIAS, False, False) + 0.0
             cand = tl.where(cok, (_order_bits(zc).to(tl.int64) << 32) | (0x7FFFFFFF - ccol)[None, :], _TAKEN64)
-            if HAS_FORCE:
+        if HAS_FORCE and (C_PAD > 0 or D_BIAS):
+            # the raw max is the steered one unless a biased column holds it: then (and whenever a disabled or
+            # forced column is biased) take it apart: the best non-special key (exact), the candidates, the
+            # gathered disabled and forced columns
+            if D_BIAS:
+                shadow = row_ok
+            else:
+                zc_raw = _steered_at(logits_ptr, stride_t, rows, ccol[None, :], cok, tabs_ptr, E, None, force_delta,
+                                     False, False, False)
+                shadow = row_ok & (tl.max(tl.where(cok, zc_raw, -float("inf")), 1) >= row_max)
+            if C_PAD > 0:
                 row_max = tl.maximum(row_max, tl.max(tl.where(cok, zc, -float("inf")), 1))
-        if HAS_FORCE:
-            if D_PAD > 0:  # 8 columns a step, as many steps as there are dropped columns
-                for d0 in tl.range(0, n_drop, 8, loop_unroll_factor=1):
-                    dj = d0 + tl.arange(0, 8)
-                    dcol = tl.load(itabs + _DCOL * E + dj, mask=dj < n_drop, other=0)
-                    dok = row_ok[:, None] & (dj < n_drop)[None, :]
-                    zdr = _steered_at(logits_ptr, stride_t, rows, dcol[None, :], dok, tabs_ptr, E, None,
-                                      force_delta, D_BIAS, False, False)
-                    row_max = tl.maximum(row_max, tl.max(tl.where(dok, zdr, -float("inf")), 1))
-    sel, cols, near = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS, K, SLOTS, N, CB, LOSSY,
-                            SLOTS1)
+            if tl.max(shadow.to(tl.int32), 0) != 0:
+                top = tl.max(l0, 1)
+                parts = tl.where(top > _NEG_INF_KEY, _key_exact(top, CB), -float("inf"))
+                if C_PAD > 0:
+                    parts = tl.maximum(parts, tl.max(tl.where(cok, zc, -float("inf")), 1))
+                if D_PAD > 0:  # 8 columns a step, as many steps as there are dropped columns
+                    for d0 in tl.range(0, n_drop, 8, loop_unroll_factor=1):
+                        dj = d0 + tl.arange(0, 8)
+                        dcol = tl.load(itabs + _DCOL * E + dj, mask=dj < n_drop, other=0)
+                        dok = row_ok[:, None] & (dj < n_drop)[None, :]
+                        zdr = _steered_at(logits_ptr, stride_t, rows, dcol[None, :], dok, tabs_ptr, E, None,
+                                          force_delta, D_BIAS, False, False)
+                        parts = tl.maximum(parts, tl.max(tl.where(dok, zdr, -float("inf")), 1))
+                row_max = tl.where(shadow, parts, row_max)
+    sel, vals, cols, near = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS, K, SLOTS, N, CB,
+                                  LOSSY, SLOTS1)
     if LOSSY:  # keys that share their high bits, from scores with low bits set: select again, exactly
         near = near & row_ok[:, None].to(tl.int32)
         if tl.max(tl.max(near, 1), 0) != 0:  # exact ties of bf16 logits land here too: check the low bits
@@ -397,18 +459,34 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     else:
         row_max = tl.zeros([ROWS], tl.float32)
     ok = row_ok[:, None] & (slot[None, :] < K)
-    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS, HAS_MASK,
-                     True)
+    if LOSSY or not VALS:  # the picked scores again, from the logits
+        zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS,
+                         HAS_MASK, True)
+    else:  # exact keys: the picks' scores are in them
+        zs = vals
+        if HAS_FORCE:
+            zs = tl.where(slot[None, :] < n_forced, (row_max + force_delta)[:, None], zs)
+    if KEEP_SIGN:  # the stream kept -0.0 (one add per logit less): a pick of value 0 may have been ordered wrongly
+        # against another zero (torch.topk ties them, lower column first); select such a block again, exactly
+        if tl.max(tl.max(((zs == 0.0) & ok & (slot[None, :] >= n_forced)).to(tl.int32), 1), 0) != 0:
+            sel = _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROWS, S, E_PAD, EVEN,
+                                K, SLOTS, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+            if HAS_FORCE:
+                sel = tl.where(slot[None, :] < n_forced,
+                               tl.load(itabs + _FCOL * E + slot, mask=slot < n_forced, other=0)[None, :], sel)
+            zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS,
+                             HAS_MASK, True)
     zs = tl.where(ok, zs, -float("inf"))
     mx = tl.max(zs, 1)  # the best selected score: the row max of the steered scores
     if SUM:
+        # outside the branch below: used only there, the compiler sank the stream's exponentials into it, which
+        # kept all 64 of a thread's scores live through the stream (30+ registers)
+        denom = tl.sum(acc * _exp2_off(off, mx[:, None] * _LOG2E, PRECISE), 1)
+        if cand is not None:
+            denom = denom + tl.sum(tl.where(cok, _exp(zc - mx[:, None], PRECISE), 0.0), 1)
         if far_any != 0:  # every enabled column, the sparse form's candidates included
             denom = _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS, S, E_PAD, EVEN, HAS_BIAS,
                                HAS_BIAS_ABS, HAS_MASK, PRECISE)
-        else:
-            denom = tl.sum(acc * _exp2_off(off, mx[:, None] * _LOG2E, PRECISE), 1)
-            if cand is not None:
-                denom = denom + tl.sum(tl.where(cok, _exp(zc - mx[:, None], PRECISE), 0.0), 1)
         if HAS_FORCE:  # forced experts left the sum; each adds exp(row max + δ - mx)
             denom = denom + n_forced.to(tl.float32) * _exp(row_max + force_delta - mx, PRECISE)
         w = tl.where(ok, tl.math.div_rn(_exp(zs - mx[:, None], PRECISE), denom[:, None]), 0.0)

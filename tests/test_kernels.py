@@ -618,3 +618,54 @@ def test_route_kernel_impl_errors_are_one_line():
         route_kernel(z, SoftmaxTopK(2, True), _tables(16, force=[1]), force_delta=0.0, impl="stream")
     w, i = route_kernel(z, SoftmaxTopK(2, True), _tables(16, force=[1]), force_delta=0.0)  # auto: the rows kernel
     assert (i[:, 0] == 1).all()
+
+
+@interp
+@pytest.mark.parametrize("name", ["softmax_raw_f32", "deepseek_v2_greedy"])
+@pytest.mark.parametrize("shift", [-9.0, -4.0])
+def test_stream_force_value_exact_with_a_biased_expert_at_the_raw_max(name, shift):
+    """float32 weights, so the force value (row max of the steered logits + δ) must be exact to the last bit:
+    negative row maxima (whose order bits differ from the value's in the low bits), a biased expert whose raw
+    logit is the row max while its biased one is not (the max must not come from its raw logit), and a disabled
+    expert that holds the row max in other rows."""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    E = 64
+    rule = RULES[name](E)
+    g = torch.Generator().manual_seed(14)  # distinct multiples of 1/8, all negative for shift < 0 (exact in bf16)
+    z = torch.stack([torch.randperm(E, generator=g) for _ in range(16)]).float() * 0.125 + shift
+    z[:8, 6] = z[:8].max(1).values + 2.0   # biased down by 3: no longer the max
+    z[8:, 50] = z[8:].max(1).values + 1.0  # disabled: still the force value
+    z = z.to(torch.bfloat16)
+    t = _tables(E, force=[1], disable=[50, 51], bias={6: -3.0})
+    _assert_same(name, *route_kernel(z, rule, t), *masked_route(z, rule, t))
+
+
+@interp
+@pytest.mark.parametrize("name", STREAMED)
+@pytest.mark.parametrize("k8", [False, True])
+def test_stream_signed_zero_ties_go_to_the_lower_expert(name, k8):
+    """-0.0 and +0.0 are equal scores: tied, lower expert first (as torch.topk on CUDA). For k = 8 the streamed
+    kernel's keys keep the sign of zero, so a pick of value 0 sends its block to the exact selection. Ten zeros of
+    alternating sign, more than k: the k lowest of their experts, in order."""
+    import dataclasses
+
+    from routelens.kernels.triton_route import route_kernel
+
+    E = 32
+    rule = RULES[name](E)
+    if k8:
+        rule = dataclasses.replace(rule, k=8)
+    g = torch.Generator().manual_seed(15)
+    z = -1.0 - torch.stack([torch.randperm(E, generator=g) for _ in range(4)]).float() * 0.125
+    zeros = [1, 3, 6, 10, 13, 17, 20, 22, 25, 29]
+    z[:, zeros[0::2]] = -0.0
+    z[:, zeros[1::2]] = 0.0
+    z = z.to(torch.bfloat16)
+    want = torch.tensor(zeros[:rule.k])
+    for t in (None, _tables(E, disable=[30], bias={31: 0.5})):
+        w, i = route_kernel(z, rule, t)
+        if name in UNORDERED:
+            i = i.sort(1).values
+        assert (i == want).all(), (t is None, i)
