@@ -434,7 +434,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             float(rule.scaling) if family == 1 else 1.0, n_forced, n_cand, n_drop, FAMILY=family, K=k,
             SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=e_pad, EVEN=e_pad == E, S=s,
             ROWS=rows, CB=e_pad.bit_length() - 1, LOSSY=lossy,
-            EXACT_KEYS=exact_keys, SPARSE=sparse, C_PAD=triton.next_power_of_2(n_cand) if sparse and n_cand else 0,
+            SPARSE=sparse, C_PAD=triton.next_power_of_2(n_cand) if sparse and n_cand else 0,
             D_PAD=triton.next_power_of_2(n_drop) if sparse and n_drop else 0, D_BIAS=drop_biased,
             HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
             HAS_FORCE=has_mask and has_force and force_delta > 0, HAS_BOOST=has_boost,

@@ -381,7 +381,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         n_cand, n_drop,
                         FAMILY: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
                         E_PAD: tl.constexpr, EVEN: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr,
-                        CB: tl.constexpr, LOSSY: tl.constexpr, EXACT_KEYS: tl.constexpr, SPARSE: tl.constexpr,
+                        CB: tl.constexpr, LOSSY: tl.constexpr, SPARSE: tl.constexpr,
                         C_PAD: tl.constexpr, D_PAD: tl.constexpr, D_BIAS: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
