@@ -391,7 +391,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                  _device: tuple | None = None, _stream_opts: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``.
 
-    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy and gpt-oss with k <= 8), "rows"
+    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy, gpt-oss and sparsemixer, k <= 8), "rows"
     (this module's kernels, every family), "auto": stream where it applies."""
     if impl not in ("auto", "rows", "stream"):
         raise InputError(f"unknown kernel impl {impl!r}; expected 'auto', 'rows' or 'stream'")
@@ -419,7 +419,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     # force with δ <= 0 sets the forced logits to the row max (+ δ), which a single pass does not know yet
     if impl != "rows" and _streams(rule) and not (has_force and force_delta <= 0):
         e_pad, s, rows, warps = stream_config(E, T, threads_per_row, num_warps)
-        family = 0 if isinstance(rule, SoftmaxTopK) else 1 if isinstance(rule, DeepseekV2Rule) else 2
+        family = (0 if isinstance(rule, SoftmaxTopK) else 1 if isinstance(rule, DeepseekV2Rule)
+                  else 2 if isinstance(rule, GptOssRule) else 3)
         exact_keys = logits.dtype in (torch.bfloat16, torch.float16) and e_pad <= 1 << 13
         # the sparse form needs exact stream keys: its special columns compare exactly against them
         sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
@@ -427,11 +428,14 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         # measured side by side on the H100 (benchmarks/results/stream_variants_gpu.json): decode the picks'
         # scores from their keys for k <= 4 and gather them for k = 8; keep -0.0 in the keys (an add per logit
         # less, a block with a pick of value 0 selected again) for k = 8 in the families with a softmax sum
-        opts = dict(VALS=k <= 4, KEEP_SIGN=not lossy and k > 4 and family != 2)
+        opts = dict(VALS=k <= 4, KEEP_SIGN=not lossy and k > 4 and family < 2,
+                    # sparsemixer: room in each thread's list for the keys near the picks (its weights' sets)
+                    N=k + lossy if family < 3 else 4 if k + lossy < 4 else 9)
         opts.update(_stream_opts or {})
+        param = float(rule.scaling) if family == 1 else float(2 * rule.jitter_eps) if family == 3 else 1.0
         _stream_topk_kernel[(triton.cdiv(T, rows),)](
-            logits, logits.stride(0), tab, weights, indices, T, E, fd,
-            float(rule.scaling) if family == 1 else 1.0, n_forced, n_cand, n_drop, FAMILY=family, K=k,
+            logits, logits.stride(0), tab, weights, indices, T, E, fd, param, n_forced, n_cand, n_drop,
+            FAMILY=family, K=k,
             SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=e_pad, EVEN=e_pad == E, S=s,
             ROWS=rows, CB=e_pad.bit_length() - 1, LOSSY=lossy,
             SPARSE=sparse, C_PAD=triton.next_power_of_2(n_cand) if sparse and n_cand else 0,
@@ -483,11 +487,14 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
 
 
 def _streams(rule) -> bool:
-    """The streamed kernel covers the logit-domain families without groups, k <= 8 (a list of 8 per thread)."""
+    """The streamed kernel covers the logit-domain families without groups, k <= 8 (a list of 8 per thread);
+    sparsemixer while 2ε < 0.45 (its bound on the experts near a pick holds below 0.5)."""
     if rule.k > 8:
         return False
     if isinstance(rule, DeepseekV2Rule):
         return rule.method != "group_limited_greedy"
+    if isinstance(rule, SparseMixerRule):
+        return 2 * rule.jitter_eps < 0.45
     return isinstance(rule, (SoftmaxTopK, GptOssRule))
 
 

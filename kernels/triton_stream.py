@@ -47,7 +47,7 @@ import triton.language as tl
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SPW, _TAKEN, _TAKEN64, _ce, _exp,
                             _finish, _order_bits, _sort8, _split8, _steered_at)
 
-_SOFTMAX, _V2_GREEDY, _GPT_OSS = (tl.constexpr(i) for i in range(3))
+_SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
 _NEG_INF_KEY = tl.constexpr(-2139095041)  # 0x807FFFFF: the highest key of -inf (order bits of -inf, low bits set)
 
@@ -269,12 +269,16 @@ def _key_exact(key, CB: tl.constexpr):
 
 @triton.jit
 def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr, K: tl.constexpr,
-          SLOTS: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, LOSSY: tl.constexpr, SLOTS1: tl.constexpr):
+          SLOTS: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, LOSSY: tl.constexpr, SLOTS1: tl.constexpr,
+          EXTRACTED: tl.constexpr = False):
     """k rounds over the S threads of each row: take the best list head, shift that thread's list; pick j goes to
     slot ``n_forced + j``. Returns the ``[ROWS, SLOTS]`` int32 columns (slots before ``n_forced`` left 0), their
     scores when the keys are exact (not ``LOSSY``: no gather of the picked logits needed), and, when ``LOSSY``,
     the columns of the k+1 best keys with a flag on each that shares its high bits with a neighbour
-    (``[ROWS, SLOTS1]`` each): their dropped low bits could have ordered them differently."""
+    (``[ROWS, SLOTS1]`` each): their dropped low bits could have ordered them differently. ``EXTRACTED``: also
+    the column and order bits of the key taken in each round j < k (slot j; with n_forced > 0 the last rounds take
+    keys that are not picks), and whether it was a real score (not an exhausted list); then the candidates and
+    lists left after the k rounds."""
     LOW: tl.constexpr = (1 << CB) - 1
     slot = tl.arange(0, SLOTS)
     sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
@@ -282,6 +286,9 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
     slot1 = tl.arange(0, SLOTS1)
     cols = tl.zeros([ROWS, SLOTS1], dtype=tl.int32)
     near = tl.zeros([ROWS, SLOTS1], dtype=tl.int32)
+    ecol = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
+    eob = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
+    eok = tl.zeros([ROWS, SLOTS], dtype=tl.int1)
     prev = tl.max(l0, 1)
     for j in tl.static_range(K + LOSSY):
         m = tl.max(l0, 1)
@@ -295,6 +302,14 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
             ob = tl.where(from_list, ob, (mc >> 32).to(tl.int32))
             if j < K:
                 cand = tl.where((cand == mc[:, None]) & ~from_list[:, None], _TAKEN64, cand)
+            if EXTRACTED and j < K:
+                eok = tl.where(slot[None, :] == j, tl.where(from_list, m > _NEG_INF_KEY, mc > _TAKEN64)[:, None],
+                               eok)
+        elif EXTRACTED and j < K:
+            eok = tl.where(slot[None, :] == j, (m > _NEG_INF_KEY)[:, None], eok)
+        if EXTRACTED and j < K:
+            ecol = tl.where(slot[None, :] == j, col[:, None], ecol)
+            eob = tl.where(slot[None, :] == j, ob[:, None], eob)
         if LOSSY:
             if j > 0:
                 tie = (((m ^ prev) & ~LOW) == 0) & (m != _TAKEN)
@@ -321,7 +336,16 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
             sel = tl.where(slot[None, :] == j + n_forced, col[:, None], sel)
             if not LOSSY:
                 obits = tl.where(slot[None, :] == j + n_forced, ob[:, None], obits)
-    return sel, (obits ^ ((obits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True), cols, near
+    if cand is None:  # a tuple cannot hold None
+        cand = tl.full([ROWS, 1], _TAKEN64, tl.int64)
+    return (sel, _from_order_bits(obits), cols, near, ecol, _from_order_bits(eob), eok, cand,
+            l0, l1, l2, l3, l4, l5, l6, l7, l8)
+
+
+@triton.jit
+def _from_order_bits(o):
+    """The float32 whose order bits (``_order_bits``) are ``o``."""
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -379,7 +403,8 @@ def _key32(x, cols, CB: tl.constexpr):
 @triton.jit(do_not_specialize=["n_forced", "n_cand", "n_drop"])
 def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling, n_forced,
                         n_cand, n_drop,
-                        FAMILY: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
+                        FAMILY: tl.constexpr, K: tl.constexpr, N: tl.constexpr, SLOTS: tl.constexpr,
+                        SLOTS1: tl.constexpr,
                         E_PAD: tl.constexpr, EVEN: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr,
                         CB: tl.constexpr, LOSSY: tl.constexpr, SPARSE: tl.constexpr,
                         C_PAD: tl.constexpr, D_PAD: tl.constexpr, D_BIAS: tl.constexpr,
@@ -387,7 +412,9 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
                         RENORM: tl.constexpr, PRECISE: tl.constexpr, VALS: tl.constexpr,
                         KEEP_SIGN: tl.constexpr):
-    """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2); see the module docstring.
+    """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2), ``SparseMixerRule`` (3); see
+    the module docstring. ``scaling``: DeepSeek-V2's routed scaling factor, sparsemixer's 2ε. ``N``: list length per
+    thread (k, +1 for ``LOSSY``; sparsemixer: 4 or 9, room for the keys near the picks).
 
     ``SPARSE``: the special columns (any bias or mask) leave the stream through one bit each and come back as
     gathers: ``n_cand`` enabled biased columns (``CCOL``) compete in the picks and join the sum; the ``n_drop``
@@ -395,8 +422,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
-    N: tl.constexpr = K + LOSSY  # the k+1 best tell whether the 32-bit keys were exact
-    SUM: tl.constexpr = FAMILY != _GPT_OSS
+    SUM: tl.constexpr = FAMILY < _GPT_OSS  # the softmax families: a sum over the whole row
     l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
         logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
         HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN)
@@ -441,11 +467,25 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                                           force_delta, D_BIAS, False, False)
                         parts = tl.maximum(parts, tl.max(tl.where(dok, zdr, -float("inf")), 1))
                 row_max = tl.where(shadow, parts, row_max)
-    sel, vals, cols, near = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS, K, SLOTS, N, CB,
-                                  LOSSY, SLOTS1)
+    if FAMILY == _SPARSEMIXER:  # a thread's last list entry: were all its keys near the picks kept?
+        if N > 8:
+            last = l8
+        elif N > 4:
+            last = l7
+        elif N == 4:
+            last = l3
+        elif N == 3:
+            last = l2
+        else:
+            last = l1
+    sel, vals, cols, near, ecol, evals, eok, cand_left, l0, l1, l2, l3, l4, l5, l6, l7, l8 = _pick(
+        l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS, K, SLOTS, N, CB, LOSSY, SLOTS1,
+        FAMILY == _SPARSEMIXER)
+    near_any = 0
     if LOSSY:  # keys that share their high bits, from scores with low bits set: select again, exactly
         near = near & row_ok[:, None].to(tl.int32)
-        if tl.max(tl.max(near, 1), 0) != 0:  # exact ties of bf16 logits land here too: check the low bits
+        near_any = tl.max(tl.max(near, 1), 0)
+        if near_any != 0:  # exact ties of bf16 logits land here too: check the low bits
             zn = _steered_at(logits_ptr, stride_t, rows, cols, (near != 0) & (cols < E), tabs_ptr, E, None,
                              force_delta, HAS_BIAS, False, False) + 0.0
             low = (zn.to(tl.int32, bitcast=True) & ((1 << CB) - 1)) != 0
@@ -495,10 +535,131 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                 w = tl.math.div_rn(w, tl.sum(w, 1)[:, None])
         else:
             w = w * scaling
+    elif FAMILY == _SPARSEMIXER:
+        w = _sm_weights(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced, sel, zs,
+                        ecol, evals, eok, cand_left, last, near_any, l0, l1, l2, l3, l4, l5, l6, l7, l8, ROWS, S, E_PAD,
+                        EVEN, K, SLOTS, N, CB, LOSSY, C_PAD, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE)
     else:
         e = _exp(zs - mx[:, None], PRECISE)
         w = tl.math.div_rn(e, tl.sum(e, 1)[:, None])
     _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparsemixer (PhiMoE): each round's weight is a softmax over the experts within 2ε (relative) of that round's pick
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sm_term(x, t, jitter2, PRECISE: tl.constexpr):
+    """``exp(x - t)`` where round ``t`` keeps ``x``, else 0: PhiMoE drops ``x`` when ``(t - x) / max(|x|, t) > 2ε``
+    (the same float32 operations as ``triton_route._sparsemixer_kernel``; NaN, from -inf, is kept, at weight 0)."""
+    drop = tl.math.div_rn(t - x, tl.maximum(tl.abs(x), t)) > jitter2
+    return tl.where(drop, 0.0, _exp(x - t, PRECISE))
+
+
+@triton.jit
+def _sm_rounds(x, ok, zs, jitter2, K: tl.constexpr, SLOTS: tl.constexpr, PRECISE: tl.constexpr):
+    """``[ROWS, SLOTS]``: what score ``x`` (``[ROWS]``, counted where ``ok``) adds to each round's sum when it is
+    not a pick (every round sees it)."""
+    slot = tl.arange(0, SLOTS)
+    return tl.where(ok[:, None] & (slot[None, :] < K), _sm_term(x[:, None], zs, jitter2, PRECISE), 0.0)
+
+
+@triton.jit
+def _sm_weights(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, jitter2, n_forced, sel, zs, ecol,
+                evals, eok, cand, last, near_any, l0, l1, l2, l3, l4, l5, l6, l7, l8, ROWS: tl.constexpr,
+                S: tl.constexpr, E_PAD: tl.constexpr, EVEN: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
+                N: tl.constexpr, CB: tl.constexpr, LOSSY: tl.constexpr, C_PAD: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
+    """Round j's weight ``1 / Σ exp(z' - t_j)`` over the experts not picked before round j that round j keeps
+    (``t_j``: pick j's score, ``zs``). Only experts within 2ε·max(|z'|, t) of some ``t_j`` count, and the smallest
+    pick bounds them all: below ``lo = t_min - |t_min|·1.01·2ε/(1-2ε)`` every round drops a score (with a 1 %
+    margin over rounding). Those experts are: the picks, the keys ``_pick`` took that were not picks (with forced
+    experts), the candidates left, and the list keys left above ``lo``, taken best first while any row has one.
+    A thread whose last list key is above ``lo`` may have lost one; a block with one (or whose smallest pick is
+    not finite, or whose 32-bit keys were near-tied) sums again over its logits (``_sm_again``)."""
+    LOW: tl.constexpr = (1 << CB) - 1
+    slot = tl.arange(0, SLOTS)
+    ok = row_ok[:, None] & (slot[None, :] < K)
+    t_min = tl.min(tl.where(ok, zs, float("inf")), 1)
+    lo = t_min - tl.abs(t_min) * (1.01 * jitter2 / (1.0 - jitter2))
+    lo_key = _order_bits(lo) & ~LOW  # every key of a score >= lo is >= lo_key
+    acc = tl.zeros([ROWS, SLOTS], tl.float32)
+    for jp in tl.static_range(K):  # the picks: pick jp counts in rounds 0..jp
+        x = tl.max(tl.where(slot[None, :] == jp, zs, -float("inf")), 1)
+        acc += tl.where(ok & (slot[None, :] <= jp), _sm_term(x[:, None], zs, jitter2, PRECISE), 0.0)
+    if HAS_FORCE:  # _pick's last n_forced rounds took keys that are not picks
+        if LOSSY:
+            evals = _steered_at(logits_ptr, stride_t, rows, ecol, ok & eok, tabs_ptr, E, None, force_delta, HAS_BIAS,
+                                False, False) + 0.0
+        for j in tl.static_range(K):
+            x = tl.max(tl.where(slot[None, :] == j, evals, -float("inf")), 1)
+            okj = tl.max((eok & (slot[None, :] == j)).to(tl.int32), 1) != 0
+            acc += _sm_rounds(x, row_ok & okj & (j + n_forced >= K), zs, jitter2, K, SLOTS, PRECISE)
+    if C_PAD > 0:  # the candidates no round took
+        vc = _from_order_bits((cand >> 32).to(tl.int32))
+        for j in tl.static_range(K):
+            tj = tl.max(tl.where(slot[None, :] == j, zs, -float("inf")), 1)
+            sj = tl.sum(tl.where(cand > _TAKEN64, _sm_term(vc, tj[:, None], jitter2, PRECISE), 0.0), 1)
+            acc += tl.where((slot[None, :] == j) & ok, sj[:, None], 0.0)
+    go = tl.max(tl.max(((l0 >= lo_key[:, None]) & row_ok[:, None]).to(tl.int32), 1), 0)
+    while go != 0:  # the list keys left above lo, best first (most blocks: none, or one or two rounds)
+        m = tl.max(l0, 1)
+        if LOSSY:
+            x = _steered_at(logits_ptr, stride_t, rows, (LOW - (m & LOW))[:, None], (row_ok & (m > _NEG_INF_KEY))[:, None],
+                            tabs_ptr, E, None, force_delta, HAS_BIAS, False, False) + 0.0
+            x = tl.max(x, 1)
+        else:
+            x = _key_exact(m, CB)
+        acc += _sm_rounds(x, row_ok & (m > _NEG_INF_KEY), zs, jitter2, K, SLOTS, PRECISE)
+        win = l0 == m[:, None]
+        l0 = tl.where(win, l1, l0)
+        l1 = tl.where(win, l2, l1)
+        l2 = tl.where(win, l3, l2)
+        if N > 4:
+            l3 = tl.where(win, l4, l3)
+            l4 = tl.where(win, l5, l4)
+            l5 = tl.where(win, l6, l5)
+            l6 = tl.where(win, l7, l6)
+            l7 = tl.where(win, l8, l7)
+            l8 = tl.where(win, _TAKEN, l8)
+        else:
+            l3 = tl.where(win, _TAKEN, l3)
+        go = tl.max(tl.max(((l0 >= lo_key[:, None]) & row_ok[:, None]).to(tl.int32), 1), 0)
+    lost = (last >= lo_key[:, None]) & row_ok[:, None]
+    if (tl.max(tl.max(lost.to(tl.int32), 1), 0) != 0) | (near_any != 0) | (
+            tl.max(((t_min == -float("inf")) & row_ok).to(tl.int32), 0) != 0):
+        acc = _sm_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, sel, zs, n_forced, jitter2, ROWS, S, E_PAD,
+                        EVEN, K, SLOTS, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+    return tl.where(ok, tl.math.div_rn(1.0, acc), 0.0)
+
+
+@triton.jit
+def _sm_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, sel, zs, n_forced, jitter2, ROWS: tl.constexpr,
+              S: tl.constexpr, E_PAD: tl.constexpr, EVEN: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """The rounds' sums streamed again (runtime loops: rare, register-light): an expert is in round j's set when
+    its 64-bit key (order bits << 32 | 2^31 - 1 - column) is at most pick j's; forced experts, which left the
+    stream (-inf), add 1 to each round before theirs."""
+    s = tl.arange(0, S)
+    c = tl.arange(0, 8)
+    slot = tl.arange(0, SLOTS)
+    pkey = (_order_bits(zs).to(tl.int64) << 32) | (0x7FFFFFFF - sel).to(tl.int64)
+    acc = tl.maximum(n_forced - slot, 0).to(tl.float32)[None, :] + tl.zeros([ROWS, SLOTS], tl.float32)
+    base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
+    for j in tl.range(0, K, loop_unroll_factor=1):
+        tj = tl.max(tl.where(slot[None, :] == j, zs, -float("inf")), 1)
+        kj = tl.max(tl.where(slot[None, :] == j, pkey, _TAKEN64), 1)
+        a = tl.zeros([ROWS, S], tl.float32)
+        for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
+            cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+            _, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+            key = (_order_bits(zd).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :, :]
+            term = _sm_term(zd, tj[:, None, None], jitter2, PRECISE)
+            a += tl.sum(tl.where(key <= kj[:, None, None], term, 0.0), 2)
+        acc += tl.where(slot[None, :] == j, tl.sum(a, 1)[:, None], 0.0)
+    return acc
 
 
 def stream_config(num_experts: int, num_tokens: int, threads_per_row: int | None = None,

@@ -300,7 +300,7 @@ def _near_tie_logits(T, E, k, seed):
 
 
 @interp
-@pytest.mark.parametrize("name", ["softmax_renorm", "deepseek_v2_greedy", "gpt_oss"])
+@pytest.mark.parametrize("name", ["softmax_renorm", "deepseek_v2_greedy", "gpt_oss", "sparsemixer"])
 def test_float32_near_ties_take_the_exact_path(name):
     from routelens.kernels.reference import masked_route
     from routelens.kernels.triton_route import route_kernel
@@ -538,7 +538,7 @@ def test_steer_backend_triton_equals_torch(family):
 
 # -- the streamed kernel's rare paths ---------------------------------------------------------------------------------
 
-STREAMED = ("softmax_renorm", "softmax_raw_f32", "deepseek_v2_greedy", "gpt_oss")
+STREAMED = ("softmax_renorm", "softmax_raw_f32", "deepseek_v2_greedy", "gpt_oss", "sparsemixer")
 
 
 @interp
@@ -669,3 +669,47 @@ def test_stream_signed_zero_ties_go_to_the_lower_expert(name, k8):
         if name in UNORDERED:
             i = i.sort(1).values
         assert (i == want).all(), (t is None, i)
+
+
+def _crowded_logits(E: int, dtype, seed: int) -> torch.Tensor:
+    """24 rows for sparsemixer's weight sets (experts within 2ε = 0.02, relative, of a pick): rows 0-7 have 2-3
+    near the top in each streaming thread's columns (S = 4 threads, 8 adjacent columns each, in turn); rows 8-11
+    have 12 in thread 0's columns alone, more than its list holds; one sits exactly on the drop boundary of the
+    top score (t·(1 - 2ε) in float32); the rest are plain. Values are multiples of 1/128 (exact in bf16 near 2)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-256, 160, (24, E), generator=g).float() / 128
+    cols = torch.arange(E)
+    thread0 = cols[(cols // 8) % 4 == 0]
+    for r in range(8):
+        near = torch.randperm(E, generator=g)[:10]
+        z[r, near] = 2.0 - torch.randint(0, 6, (10,), generator=g).float() / 128
+    for r in range(8, 12):
+        z[r, thread0[torch.randperm(len(thread0), generator=g)[:12]]] = 2.0 - torch.arange(12).float() / 256
+    z[3, 5] = 2.0
+    z[3, 6] = float(torch.tensor(2.0) * (1 - torch.tensor(0.02)))
+    return z.to(dtype)
+
+
+@interp
+@pytest.mark.parametrize("E,k", [(64, 2), (64, 8), (256, 2), (256, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stream_sparsemixer_crowded_weight_sets(E, k, dtype):
+    """Every weight set against the reference and the rows kernel: near-ties spread over the threads (the fast
+    path's extra list rounds), more than a thread's list holds (the block sums again), a forced expert whose
+    round keeps the list's best keys (taken by the picking rounds without being picks), a biased expert near the
+    top (a sparse-form candidate), a disabled one."""
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    rule = SparseMixerRule(k, 0.01)
+    z = _crowded_logits(E, dtype, seed=E + k)
+    hot = int(z[0].argmax())
+    for t in (None, _tables(E, force=[E - 3], disable=[hot]), _tables(E, bias={hot: 1 / 128}, disable=[E - 1]),
+              _tables(E, force=[1], bias={hot: -1 / 64}, boost={1: 2.0})):
+        want = masked_route(z, rule, t) if t is not None else rule(z)
+        got = route_kernel(z, rule, t)
+        rows = route_kernel(z, rule, t, impl="rows")
+        tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)
+        _assert_same("sparsemixer", *got, *rows, rtol=2e-6, atol=1e-7)
+        if t is not None or dtype == torch.float32:  # the rule itself runs its jitter test in bf16
+            _assert_same("sparsemixer", *got, *want, **tol)
