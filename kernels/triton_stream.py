@@ -552,9 +552,15 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
 @triton.jit
 def _sm_term(x, t, jitter2, PRECISE: tl.constexpr):
     """``exp(x - t)`` where round ``t`` keeps ``x``, else 0: PhiMoE drops ``x`` when ``(t - x) / max(|x|, t) > 2ε``
-    (the same float32 operations as ``triton_route._sparsemixer_kernel``; NaN, from -inf, is kept, at weight 0)."""
+    (the same float32 operations as ``triton_route._sparsemixer_kernel``, so the same sets; NaN, from -inf, is
+    kept, at weight 0). The exponential is ``ex2.approx`` on the GPU, as in the other streamed sums (no selection
+    depends on it); ``x - t`` is exact for the scores a round keeps (within a factor 2 of ``t``)."""
     drop = tl.math.div_rn(t - x, tl.maximum(tl.abs(x), t)) > jitter2
-    return tl.where(drop, 0.0, _exp(x - t, PRECISE))
+    if PRECISE:
+        e = tl.math.exp2((x - t) * _LOG2E)
+    else:
+        e = tl.exp(x - t)
+    return tl.where(drop, 0.0, e)
 
 
 @triton.jit
