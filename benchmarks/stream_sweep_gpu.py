@@ -1,7 +1,8 @@
 """Streamed vs rows masked-routing kernels at T=65,536, E=256 on the GPU: correctness against the reference and
 cold-L2 time per variant, steered (the benchmark's spec) and unsteered.
 
-Usage: python benchmarks/stream_sweep_gpu.py FAMILIES OUT.json [WARPS [steered,plain]]"""
+Usage: python benchmarks/stream_sweep_gpu.py FAMILIES OUT.json [WARPS [steered,plain [E,E,...]]]
+(E defaults to 256; WARPS 1 is the kernel's default launch)"""
 import json
 import sys
 
@@ -19,13 +20,13 @@ from routelens.steering.spec import LayerTables  # noqa: E402
 dev = torch.device("cuda")
 hbm = hbm_bandwidth(dev)["GB_per_s"]
 print("hbm GB/s", hbm)
-T, E = 65536, 256
-x0 = torch.randn(T, E, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(dev)
-xs = cold_inputs(x0)
+T = 65536
 out = []
 fams = sys.argv[1].split(",")
 warps_sweep = [int(w) for w in (sys.argv[3].split(",") if len(sys.argv) > 3 else ["2"])]
-for family in fams:
+for family, E in [(f, int(e)) for e in (sys.argv[5] if len(sys.argv) > 5 else "256").split(",") for f in fams]:
+    x0 = torch.randn(T, E, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(dev)
+    xs = cold_inputs(x0)
     for k in (2, 8):
         rule = make_rule(family, E, k, dev)
         for steered in [m == "steered" for m in (sys.argv[4] if len(sys.argv) > 4 else "steered,plain").split(",")]:
@@ -41,7 +42,7 @@ for family in fams:
                 except Exception as e:  # noqa: BLE001 - a sweep reports every variant
                     print(family, k, steered, v, "ERR", str(e)[:400], flush=True)
                     continue
-                r = dict(family=family, k=k, steered=steered, **v, us=round(ms * 1e3, 2),
+                r = dict(family=family, E=E, k=k, steered=steered, **v, us=round(ms * 1e3, 2),
                          frac_hbm=round(nbytes / (ms / 1e3) / 1e9 / hbm, 3),
                          set_equal=chk["rows_set_equal"] == T, sel_equal=chk["rows_selection_equal"],
                          w_err=chk["weights_max_abs_err"])

@@ -391,8 +391,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                  _device: tuple | None = None, _stream_opts: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``.
 
-    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy, gpt-oss and sparsemixer, k <= 8), "rows"
-    (this module's kernels, every family), "auto": stream where it applies."""
+    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy, gpt-oss and sparsemixer, k <= 8),
+    "rows" (this module's kernels, every family), "auto": stream where it applies."""
     if impl not in ("auto", "rows", "stream"):
         raise InputError(f"unknown kernel impl {impl!r}; expected 'auto', 'rows' or 'stream'")
     if not isinstance(rule, _FAMILIES):
@@ -446,7 +446,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             PRECISE=precise, num_warps=warps, enable_fp_fusion=False, **opts)
         return weights, indices
     if impl == "stream":
-        why = "a force with δ <= 0" if _streams(rule) else f"{type(rule).__name__} with k={k}"
+        why = ("a force with δ <= 0" if _streams(rule) else
+               f"sparsemixer with 2ε = {2 * rule.jitter_eps:g} >= 0.45" if isinstance(rule, SparseMixerRule) and k <= 8
+               else f"{type(rule).__name__} with k={k}")
         raise InputError(f"no streamed kernel for {why}; use impl='rows' or 'auto'")
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
     grid = (triton.cdiv(T, block_t),)

@@ -1,6 +1,6 @@
 """Streamed masked routing for the logit-domain families without groups (softmax-top-k, DeepSeek-V2 greedy,
-gpt-oss) and k <= 8: the same function as ``triton_route`` (``reference.masked_route``), in fewer instructions
-and registers.
+gpt-oss, PhiMoE's sparsemixer) and k <= 8: the same function as ``triton_route`` (``reference.masked_route``), in
+fewer instructions and registers.
 
 Why another kernel: ``triton_route`` spreads a row over a whole warp, so each of the k picks costs a warp-wide
 reduction; Nsight Compute showed it issue-bound at 65-80 instructions per routed logit, about a quarter of the
@@ -28,6 +28,11 @@ then the block takes it apart from the best key (exact), the candidates and the 
 experts (``DCOL``). Otherwise one table row per column, ``DROP`` (-inf at disabled and forced experts), is added to
 the biased logits. Either way forced experts take the first slots (their score, row max + δ,
 is above every other), in ascending column order as ``torch.topk`` breaks their tie.
+
+Sparsemixer has no row-wide sum: round j's weight is a softmax over the experts not yet picked within 2ε
+(relative) of pick j. The smallest pick bounds all of them (``_sm_weights``), so each thread's list has room for
+keys beyond the k (4, or 9 for k > 3) and the end takes the keys still above the bound; a block where a thread's
+last list key is above it sums again over its logits (``_sm_again``).
 
 Keys: the score's order bits with the low ``CB`` bits replaced by ``2^CB - 1 - column`` (ties -> lower column);
 exact for 16-bit logits outside the biased columns. Otherwise (``LOSSY``: float32 logits, or biases in the dense
@@ -613,8 +618,9 @@ def _sm_weights(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, ji
     while go != 0:  # the list keys left above lo, best first (most blocks: none, or one or two rounds)
         m = tl.max(l0, 1)
         if LOSSY:
-            x = _steered_at(logits_ptr, stride_t, rows, (LOW - (m & LOW))[:, None], (row_ok & (m > _NEG_INF_KEY))[:, None],
-                            tabs_ptr, E, None, force_delta, HAS_BIAS, False, False) + 0.0
+            mcol = (LOW - (m & LOW))[:, None]
+            x = _steered_at(logits_ptr, stride_t, rows, mcol, (row_ok & (m > _NEG_INF_KEY))[:, None], tabs_ptr, E,
+                            None, force_delta, HAS_BIAS, False, False) + 0.0
             x = tl.max(x, 1)
         else:
             x = _key_exact(m, CB)

@@ -614,6 +614,10 @@ def test_route_kernel_impl_errors_are_one_line():
         route_kernel(z, SoftmaxTopK(2, True), None, impl="fast")
     with pytest.raises(InputError, match=r"no streamed kernel for DeepseekV3Rule with k=3"):
         route_kernel(z, RULES["deepseek_v3"](16), None, impl="stream")
+    with pytest.raises(InputError, match=r"no streamed kernel for sparsemixer with 2ε = 0.5 >= 0.45"):
+        route_kernel(z, SparseMixerRule(2, 0.25), None, impl="stream")
+    w, i = route_kernel(z, SparseMixerRule(2, 0.25), None)  # auto: the rows kernel
+    assert torch.equal(i, SparseMixerRule(2, 0.25)(z.float())[1])
     with pytest.raises(InputError, match=r"no streamed kernel for a force with δ <= 0"):
         route_kernel(z, SoftmaxTopK(2, True), _tables(16, force=[1]), force_delta=0.0, impl="stream")
     w, i = route_kernel(z, SoftmaxTopK(2, True), _tables(16, force=[1]), force_delta=0.0)  # auto: the rows kernel
