@@ -41,7 +41,7 @@ from routelens.errors import InputError
 from routelens.steering.spec import LayerTables
 
 from .reference import masked_route, weights_dtype
-from .triton_stream import SPARSE_MAX, _stream_topk_kernel, stream_config, stream_rows
+from .triton_stream import SPARSE_MAX, _shift, _stream_topk_kernel, stream_config, stream_rows
 from .triton_common import (_TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
                             _steered_logits, _sum_exp, _tile)
 
@@ -112,15 +112,7 @@ def _select(score, top, row_ok, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.c
         if j > 0:  # equal high bits; forced experts are equal by construction
             clash = clash | ((((m ^ prev) & ~LOW) == 0) & ((m & ~LOW) != TOP_HIGH)).to(tl.int32)
         prev = m
-        win = h0 == m[:, None]
-        h0 = tl.where(win, h1, h0)
-        h1 = tl.where(win, h2, h1)
-        h2 = tl.where(win, h3, h2)
-        h3 = tl.where(win, h4, h3)
-        h4 = tl.where(win, h5, h4)
-        h5 = tl.where(win, h6, h5)
-        h6 = tl.where(win, h7, h6)
-        h7 = tl.where(win, _TAKEN, h7)
+        h0, h1, h2, h3, h4, h5, h6, h7, _ = _shift(h0 == m[:, None], h0, h1, h2, h3, h4, h5, h6, h7, _TAKEN, 8)
         sel = tl.where(slot[None, :] == j, LOW - (m & LOW)[:, None], sel)
     nxt = tl.max(h0, 1)
     clash = clash | ((((nxt ^ prev) & ~LOW) == 0) & (nxt != _TAKEN)).to(tl.int32)

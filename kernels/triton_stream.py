@@ -273,6 +273,24 @@ def _key_exact(key, CB: tl.constexpr):
 
 
 @triton.jit
+def _shift(win, l0, l1, l2, l3, l4, l5, l6, l7, l8, N: tl.constexpr):
+    """Drop the head of the descending lists (of 4, or 8-9 when N > 4) where ``win``: each key moves up one."""
+    l0 = tl.where(win, l1, l0)
+    l1 = tl.where(win, l2, l1)
+    l2 = tl.where(win, l3, l2)
+    if N > 4:
+        l3 = tl.where(win, l4, l3)
+        l4 = tl.where(win, l5, l4)
+        l5 = tl.where(win, l6, l5)
+        l6 = tl.where(win, l7, l6)
+        l7 = tl.where(win, l8, l7)
+        l8 = tl.where(win, _TAKEN, l8)
+    else:
+        l3 = tl.where(win, _TAKEN, l3)
+    return l0, l1, l2, l3, l4, l5, l6, l7, l8
+
+
+@triton.jit
 def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr, K: tl.constexpr,
           SLOTS: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, LOSSY: tl.constexpr, SLOTS1: tl.constexpr,
           EXTRACTED: tl.constexpr = False):
@@ -323,21 +341,7 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
         prev = m
         if j < K:
             win = (l0 == m[:, None]) & from_list[:, None]
-            if N > 4:
-                l0 = tl.where(win, l1, l0)
-                l1 = tl.where(win, l2, l1)
-                l2 = tl.where(win, l3, l2)
-                l3 = tl.where(win, l4, l3)
-                l4 = tl.where(win, l5, l4)
-                l5 = tl.where(win, l6, l5)
-                l6 = tl.where(win, l7, l6)
-                l7 = tl.where(win, l8, l7)
-                l8 = tl.where(win, _TAKEN, l8)
-            else:
-                l0 = tl.where(win, l1, l0)
-                l1 = tl.where(win, l2, l1)
-                l2 = tl.where(win, l3, l2)
-                l3 = tl.where(win, _TAKEN, l3)
+            l0, l1, l2, l3, l4, l5, l6, l7, l8 = _shift(win, l0, l1, l2, l3, l4, l5, l6, l7, l8, N)
             sel = tl.where(slot[None, :] == j + n_forced, col[:, None], sel)
             if not LOSSY:
                 obits = tl.where(slot[None, :] == j + n_forced, ob[:, None], obits)
@@ -625,19 +629,7 @@ def _sm_weights(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, ji
         else:
             x = _key_exact(m, CB)
         acc += _sm_rounds(x, row_ok & (m > _NEG_INF_KEY), zs, jitter2, K, SLOTS, PRECISE)
-        win = l0 == m[:, None]
-        l0 = tl.where(win, l1, l0)
-        l1 = tl.where(win, l2, l1)
-        l2 = tl.where(win, l3, l2)
-        if N > 4:
-            l3 = tl.where(win, l4, l3)
-            l4 = tl.where(win, l5, l4)
-            l5 = tl.where(win, l6, l5)
-            l6 = tl.where(win, l7, l6)
-            l7 = tl.where(win, l8, l7)
-            l8 = tl.where(win, _TAKEN, l8)
-        else:
-            l3 = tl.where(win, _TAKEN, l3)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _shift(l0 == m[:, None], l0, l1, l2, l3, l4, l5, l6, l7, l8, N)
         go = tl.max(tl.max(((l0 >= lo_key[:, None]) & row_ok[:, None]).to(tl.int32), 1), 0)
     lost = (last >= lo_key[:, None]) & row_ok[:, None]
     if (tl.max(tl.max(lost.to(tl.int32), 1), 0) != 0) | (near_any != 0) | (
