@@ -294,7 +294,9 @@ def block_sweep(device, T: int, E: int, hbm_gbps: float) -> list[dict]:
             w_size = torch.empty(0, dtype=weights_dtype(rule, torch.bfloat16)).element_size()
             nbytes = T * E * 2 + 9 * E * 4 + T * k * (w_size + 8)
             variants = [dict(impl="rows", block_rows=b, num_warps=w) for b, w in ((2, 1), (4, 1), (8, 2))]
-            if _streams(rule):
+            if isinstance(rule, DeepseekV3Rule) and _streams(rule, E):
+                variants.append(dict(impl="stream"))
+            elif _streams(rule, E):
                 variants += [dict(impl="stream", threads_per_row=s, num_warps=w) for s, w in ((4, 1), (4, 2), (2, 1))]
             for v in variants:
                 try:

@@ -41,6 +41,7 @@ from routelens.errors import InputError
 from routelens.steering.spec import LayerTables
 
 from .reference import masked_route, weights_dtype
+from .triton_grouped import _v3_stream_kernel, v3_stream_config
 from .triton_stream import SPARSE_MAX, _shift, _stream_topk_kernel, stream_config, stream_rows
 from .triton_common import (_TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
                             _steered_logits, _sum_exp, _tile)
@@ -234,6 +235,37 @@ def _deepseek_v3_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr
     """``DeepseekV3Rule``: s = sigmoid(z'); c = s + corr (±inf forced/disabled); group-limited top-k of c;
     w = s[i] / (Σ s[i] + 1e-20) if RENORM; w *= scaling."""
     rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
+    _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows,
+                      row_ok, cols, col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_BOOST, RENORM_BOOST,
+                      RENORM, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
+
+
+@triton.jit
+def _deepseek_v3_redo_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
+                             redo_ptr, n_redo_ptr, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr,
+                             BLOCK_T: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr,
+                             RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr, PRECISE: tl.constexpr,
+                             PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                             G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
+    """``_deepseek_v3_kernel`` over the blocks of ``BLOCK_T`` rows listed at ``redo_ptr`` (``n_redo_ptr`` of them,
+    read on the device: no host sync): the streamed kernel's uncertain blocks (``triton_grouped``)."""
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    for i in tl.range(tl.program_id(0), tl.load(n_redo_ptr), tl.num_programs(0)):
+        rows = tl.load(redo_ptr + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows,
+                          rows < T, cols, col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_BOOST,
+                          RENORM_BOOST, RENORM, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
+
+
+@triton.jit
+def _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows,
+                      row_ok, cols, col_ok, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr,
+                      BLOCK_T: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
+                      PRECISE: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
+                      TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
     c = _v3_choice(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, corr_ptr, E, force_delta, BLOCK_T,
                    E_PAD, HAS_BIAS, HAS_MASK, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
     sel = _select(c, c > 0, row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB, False)  # forced: +inf, exact
@@ -383,8 +415,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                  _device: tuple | None = None, _stream_opts: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``.
 
-    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy, gpt-oss and sparsemixer, k <= 8),
-    "rows" (this module's kernels, every family), "auto": stream where it applies."""
+    ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy, gpt-oss and sparsemixer, k <= 8;
+    ``triton_grouped``: DeepSeek-V3 with power-of-two groups of at least 8 experts), "rows" (this module's kernels,
+    every family), "auto": stream where it applies (DeepSeek-V3 from ``V3_STREAM_MIN_TOKENS`` tokens)."""
     if impl not in ("auto", "rows", "stream"):
         raise InputError(f"unknown kernel impl {impl!r}; expected 'auto', 'rows' or 'stream'")
     if not isinstance(rule, _FAMILIES):
@@ -408,8 +441,41 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         return weights, indices
     fd = float(force_delta)
     precise = _PRECISE if precise is None else (precise and not _INTERPRET)
+    if isinstance(rule, DeepseekV3Rule):
+        corr = rule.correction_bias
+        if corr.device != logits.device:
+            corr = corr.to(logits.device)
+        corr = corr.contiguous()
+    # DeepSeek-V3: the streamed kernel flags its uncertain blocks, the rows kernel redoes them in a second launch,
+    # whose one-block latency (~10 us on the H100) makes the pair slower at small T (H100, E = 256: 2x slower at
+    # 4,096 tokens, mixed at 32,768, 1.3-1.6x faster at 65,536; benchmarks/results/v3_stream_gpu.json)
+    if isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and (
+            impl == "stream" or (impl == "auto" and T >= V3_STREAM_MIN_TOKENS)):
+        s, cpg, rows = v3_stream_config(E, int(rule.n_group), int(rule.topk_group), k)
+        g_pad = triton.next_power_of_2(int(rule.n_group))
+        n_blocks = triton.cdiv(T, rows)
+        redo = torch.empty(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
+        redo[:1].zero_()
+        _v3_stream_kernel[(n_blocks,)](
+            logits, logits.stride(0), tab, corr, weights, indices, T, E, float(rule.scaling), redo[1:], redo, K=k,
+            SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=E, S=s, ROWS=rows,
+            CB=E.bit_length() - 1, CPG=cpg, N_GROUP=int(rule.n_group), TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad,
+            GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
+            HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, RENORM=bool(rule.renormalize),
+            PRECISE=precise, num_warps=1, enable_fp_fusion=False, **{"UNROLL": True, **(_stream_opts or {})})
+        e_pad, _, warps = launch_config(E, T, rows)
+        _deepseek_v3_redo_kernel[(min(n_blocks, _redo_programs(logits.device)),)](
+            logits, logits.stride(0), tab, corr, weights, indices, T, E, fd, float(rule.scaling), redo[1:], redo,
+            K=k, SLOTS=max(e_pad // 8, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=rows,
+            CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_FORCE=has_force and fd > 0,
+            HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, RENORM=bool(rule.renormalize),
+            PRECISE=precise, PER_GROUP=E // int(rule.n_group), N_GROUP=int(rule.n_group),
+            TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad, RESHAPE=_groups_fill(E, e_pad, int(rule.n_group)),
+            num_warps=warps, enable_fp_fusion=False)
+        return weights, indices
     # force with δ <= 0 sets the forced logits to the row max (+ δ), which a single pass does not know yet
-    if impl != "rows" and _streams(rule) and not (has_force and force_delta <= 0):
+    if impl != "rows" and not isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and not (
+            has_force and force_delta <= 0):
         e_pad, s, rows, warps = stream_config(E, T, threads_per_row, num_warps)
         family = (0 if isinstance(rule, SoftmaxTopK) else 1 if isinstance(rule, DeepseekV2Rule)
                   else 2 if isinstance(rule, GptOssRule) else 3)
@@ -438,9 +504,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             PRECISE=precise, num_warps=warps, enable_fp_fusion=False, **opts)
         return weights, indices
     if impl == "stream":
-        why = ("a force with δ <= 0" if _streams(rule) else
+        why = ("a force with δ <= 0" if _streams(rule, E) else
                f"sparsemixer with 2ε = {2 * rule.jitter_eps:g} >= 0.45" if isinstance(rule, SparseMixerRule) and k <= 8
-               else f"{type(rule).__name__} with k={k}")
+               else f"{type(rule).__name__} with k={k}, E={E}")
         raise InputError(f"no streamed kernel for {why}; use impl='rows' or 'auto'")
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
     grid = (triton.cdiv(T, block_t),)
@@ -455,11 +521,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         _softmax_topk_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
                                    RENORM=bool(rule.renormalize), **common)
     elif isinstance(rule, DeepseekV3Rule):
-        corr = rule.correction_bias
-        if corr.device != logits.device:
-            corr = corr.to(logits.device)
         n_group = int(rule.n_group)
-        _deepseek_v3_kernel[grid](logits, logits.stride(0), tab, corr.contiguous(), weights, indices, T, E, fd,
+        _deepseek_v3_kernel[grid](logits, logits.stride(0), tab, corr, weights, indices, T, E, fd,
                                   float(rule.scaling), RENORM=bool(rule.renormalize), PER_GROUP=E // n_group,
                                   N_GROUP=n_group, TOPK_GROUP=int(rule.topk_group),
                                   G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group),
@@ -480,9 +543,22 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     return weights, indices
 
 
-def _streams(rule) -> bool:
-    """The streamed kernel covers the logit-domain families without groups, k <= 8 (a list of 8 per thread);
-    sparsemixer while 2ε < 0.45 (its bound on the experts near a pick holds below 0.5)."""
+V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)
+
+
+def _redo_programs(device) -> int:
+    """Programs of the redo launch: a few per SM (each loops over the flagged blocks; most calls have few)."""
+    if _INTERPRET:
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _streams(rule, num_experts: int) -> bool:
+    """A streamed kernel applies: ``triton_stream`` for the logit-domain families without groups, k <= 8 (a list
+    of 8 per thread; sparsemixer while 2ε < 0.45, where its bound on the experts near a pick holds);
+    ``triton_grouped`` for DeepSeek-V3 where ``v3_stream_config`` fits."""
+    if isinstance(rule, DeepseekV3Rule):
+        return v3_stream_config(num_experts, int(rule.n_group), int(rule.topk_group), rule.k) is not None
     if rule.k > 8:
         return False
     if isinstance(rule, DeepseekV2Rule):

@@ -189,6 +189,34 @@ def _merge8(l0, l1, l2, l3, l4, l5, l6, l7, l8, c0, c1, c2, c3, c4, c5, c6, c7, 
 
 
 @triton.jit
+def _empty_lists(ROWS: tl.constexpr, S: tl.constexpr):
+    """Nine empty key lists ``[ROWS, S]`` (every entry below any key), for ``_absorb``."""
+    taken = tl.full([ROWS, S], _TAKEN, tl.int32)
+    return taken, taken, taken, taken, taken, taken, taken, taken, taken
+
+
+@triton.jit
+def _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N: tl.constexpr):
+    """A chunk's keys (the last dimension of ``key``, 8 per thread) into each thread's descending list of the ``N``
+    best: lists of 8 (+ a 9th when N = 9) merge the sorted chunk, lists of up to 4 take each key by insertion."""
+    if N > 4:
+        c0, c1, c2, c3, c4, c5, c6, c7 = _sort8(key)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _merge8(l0, l1, l2, l3, l4, l5, l6, l7, l8,
+                                                     c0, c1, c2, c3, c4, c5, c6, c7, N > 8)
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(key)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c0, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c1, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c2, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c3, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c4, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c5, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c6, N)
+        l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c7, N)
+    return l0, l1, l2, l3, l4, l5, l6, l7, l8
+
+
+@triton.jit
 def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr, S: tl.constexpr,
             E_PAD: tl.constexpr, EVEN: tl.constexpr, CB: tl.constexpr, N: tl.constexpr, SUM: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
@@ -199,16 +227,7 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
     LOW: tl.constexpr = (1 << CB) - 1
     s = tl.arange(0, S)
     c = tl.arange(0, 8)
-    taken = tl.full([ROWS, S], _TAKEN, tl.int32)
-    l0 = taken
-    l1 = taken
-    l2 = taken
-    l3 = taken
-    l4 = taken
-    l5 = taken
-    l6 = taken
-    l7 = taken
-    l8 = taken
+    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     row_max = tl.full([ROWS, S], -float("inf"), tl.float32)
     off = tl.zeros([ROWS, S], tl.float32)
     off_l2 = tl.zeros([ROWS, S], tl.float32)
@@ -240,20 +259,7 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
                 off_l2 = off * _LOG2E
             acc += tl.sum(_exp2_off(zd, off_l2[:, :, None], PRECISE), 2)
         key = _key32(zd, cols[None, :, :], CB)
-        if N > 4:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _sort8(key)
-            l0, l1, l2, l3, l4, l5, l6, l7, l8 = _merge8(l0, l1, l2, l3, l4, l5, l6, l7, l8,
-                                                         c0, c1, c2, c3, c4, c5, c6, c7, N > 8)
-        else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(key)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c0, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c1, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c2, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c3, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c4, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c5, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c6, N)
-            l0, l1, l2, l3 = _insert(l0, l1, l2, l3, c7, N)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc
 
 
@@ -301,7 +307,7 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
     (``[ROWS, SLOTS1]`` each): their dropped low bits could have ordered them differently. ``EXTRACTED``: also
     the column and order bits of the key taken in each round j < k (slot j; with n_forced > 0 the last rounds take
     keys that are not picks), and whether it was a real score (not an exhausted list); then the candidates and
-    lists left after the k rounds."""
+    lists left after the k rounds; last, the key of the last round (with ``LOSSY``: the (k+1)-th best)."""
     LOW: tl.constexpr = (1 << CB) - 1
     slot = tl.arange(0, SLOTS)
     sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
@@ -348,7 +354,7 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
     if cand is None:  # a tuple cannot hold None
         cand = tl.full([ROWS, 1], _TAKEN64, tl.int64)
     return (sel, _from_order_bits(obits), cols, near, ecol, _from_order_bits(eob), eok, cand,
-            l0, l1, l2, l3, l4, l5, l6, l7, l8)
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, prev)
 
 
 @triton.jit
@@ -487,7 +493,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
             last = l2
         else:
             last = l1
-    sel, vals, cols, near, ecol, evals, eok, cand_left, l0, l1, l2, l3, l4, l5, l6, l7, l8 = _pick(
+    sel, vals, cols, near, ecol, evals, eok, cand_left, l0, l1, l2, l3, l4, l5, l6, l7, l8, _ = _pick(
         l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS, K, SLOTS, N, CB, LOSSY, SLOTS1,
         FAMILY == _SPARSEMIXER)
     near_any = 0

@@ -99,13 +99,17 @@ RULES = {
     "softmax_raw_f32": lambda E: SoftmaxTopK(2, False, weights_in_logits_dtype=False),
     "deepseek_v3": lambda E: DeepseekV3Rule(3, 4, 2, True, 2.5,
                                             torch.linspace(-0.2, 0.2, E, dtype=torch.float32)),
+    # groups of 8: the shape the streamed kernel (triton_grouped, impl="stream") takes
+    "deepseek_v3_streamed": lambda E: DeepseekV3Rule(3, 2, 1, True, 2.5,
+                                                     torch.linspace(0.1, -0.1, E, dtype=torch.float32)),
     "deepseek_v2_greedy": lambda E: DeepseekV2Rule(3, "greedy", None, None, 1.5),
     "deepseek_v2_grouped": lambda E: DeepseekV2Rule(3, "group_limited_greedy", 4, 2, 16.0),
     "gpt_oss": lambda E: GptOssRule(3),
     "sparsemixer": lambda E: SparseMixerRule(2, 0.01),
     "sparsemixer_k3": lambda E: SparseMixerRule(3, 0.1),
 }
-UNORDERED = ("deepseek_v3", "deepseek_v2_greedy", "deepseek_v2_grouped")  # sorted=False in the model
+# sorted=False in the model
+UNORDERED = ("deepseek_v3", "deepseek_v3_streamed", "deepseek_v2_greedy", "deepseek_v2_grouped")
 
 
 def _assert_same(name, w, i, rw, ri, rtol=2e-6, atol=1e-7):
@@ -422,14 +426,14 @@ def _oracle(z: np.ndarray, name: str, rule, t: LayerTables, delta: float):
             key = grouped(x, False) if rule.method == "group_limited_greedy" else x
             idx = top(key, k)
             w = p[idx] * rule.scaling
-        elif name == "deepseek_v3":
+        elif name.startswith("deepseek_v3"):
             with np.errstate(over="ignore"):
                 s = (f32(1) / (f32(1) + np.exp(-x))).astype(f32)
             c = (s + rule.correction_bias.numpy().astype(f32)).astype(f32)
             c[t.mask > 0], c[t.mask < 0] = np.inf, -np.inf
             idx = top(grouped(c, True), k)
             w = s[idx].astype(np.float64)
-            w = w / (w.sum() + 1e-20) * rule.scaling
+            w = (w / (w.sum() + 1e-20) if rule.renormalize else w) * rule.scaling
         else:  # sparsemixer
             masked, idx, w = x.copy(), [], []
             for _ in range(k):
@@ -474,8 +478,8 @@ if given is not None:
         t = _tables(E, force, disable, bias, bias_abs, boost, renormalize=draw(st.booleans()))
         rule = RULES[name](E)
         groups = None
-        if name == "deepseek_v3" or name == "deepseek_v2_grouped":
-            groups = (rule.n_group, rule.topk_group, 2 if name == "deepseek_v3" else 1)
+        if name.startswith("deepseek_v3") or name == "deepseek_v2_grouped":
+            groups = (rule.n_group, rule.topk_group, 2 if name.startswith("deepseek_v3") else 1)
         try:
             SteeringSpec._check_layer(0, t, RoutingGeometry(1, (0,), E, rule.k, groups))
         except SteeringError:
@@ -500,7 +504,7 @@ if given is not None:
         if name.startswith("sparsemixer"):  # torch.max returns the first index: exact
             assert torch.equal(i, ri)
             return
-        if name in ("deepseek_v3", "deepseek_v2_grouped"):
+        if name in ("deepseek_v3", "deepseek_v3_streamed", "deepseek_v2_grouped"):
             return  # group ties make the kept groups themselves implementation-defined: oracle only
         zs, _ = steered_scores(logits, rule, t, 0.01)
         got = zs.gather(1, i).sort(1).values
@@ -717,3 +721,120 @@ def test_stream_sparsemixer_crowded_weight_sets(E, k, dtype):
         _assert_same("sparsemixer", *got, *rows, rtol=2e-6, atol=1e-7)
         if t is not None or dtype == torch.float32:  # the rule itself runs its jitter test in bf16
             _assert_same("sparsemixer", *got, *want, **tol)
+
+
+# -- the streamed DeepSeek-V3 kernel (triton_grouped): fast sigmoid, certified, exact where not ---------------------
+
+def _v3_check(z, rule, t, name="deepseek_v3"):
+    """The streamed kernel against the numpy oracle (ties -> lower index) and the rows kernel: same selected set,
+    weights to float32 rounding."""
+    from routelens.kernels.triton_route import route_kernel
+
+    w, i = route_kernel(z, rule, t, impl="stream")
+    ow, oi = _oracle(z.float().numpy(), name, rule, t if t is not None else LayerTables.neutral(z.shape[1]), 0.01)
+    o = i.argsort(1)
+    oo = np.argsort(oi, axis=1)
+    assert np.array_equal(i.gather(1, o).numpy(), np.take_along_axis(oi, oo, 1)), (i, oi)
+    np.testing.assert_allclose(w.gather(1, o).double().numpy(), np.take_along_axis(ow, oo, 1),
+                               rtol=8e-3 if w.dtype == torch.bfloat16 else 2e-6, atol=1e-7)
+    rw, ri = route_kernel(z, rule, t, impl="rows")
+    assert torch.equal(i.sort(1).values, ri.sort(1).values)
+
+
+@interp
+@pytest.mark.parametrize("E,n_group,topk_group,k", [(256, 8, 4, 8), (128, 8, 4, 2), (256, 4, 2, 4), (64, 1, 1, 8),
+                                                    (64, 8, 1, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_v3_stream_equals_oracle(E, n_group, topk_group, k, dtype):
+    g = torch.Generator().manual_seed(E + k)
+    rule = DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
+    z = (torch.randn(24, E, generator=g) * 2).to(dtype)
+    _v3_check(z, rule, None)
+    per = min(E // n_group, 16)
+    t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, bias_abs={7: 0.25},
+                boost={per + 1: 0.5, 3: 2.0}, renormalize=True)
+    _v3_check(z, rule, t)
+
+
+@interp
+def test_v3_stream_ties_of_equal_scores_are_selected_exactly():
+    """Zero correction bias and logits on a coarse grid: many equal choice scores at the group and pick boundaries,
+    which the certificate cannot separate, so these blocks take the exact path: its tie rules (lower group, lower
+    expert) against the oracle's."""
+    g = torch.Generator().manual_seed(5)
+    for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 8, 2, 3)):
+        rule = DeepseekV3Rule(k, n_group, topk_group, False, 1.0, torch.zeros(E))
+        z = torch.randint(-3, 4, (32, E), generator=g).float() / 2
+        _v3_check(z, rule, None)
+        _v3_check(z, rule, _tables(E, disable=[1, 2], bias={4: 0.5}))
+
+
+def _key_bucket(x: float, bits: int) -> int:
+    b = int(np.float32(x).view(np.int32))
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)) >> bits
+
+
+@interp
+def test_v3_stream_near_ties_below_the_key_resolution_take_the_exact_path():
+    """Choice scores one or two float32 ulps apart fall in one 32-bit key bucket, where the fast keys order by
+    index: the lower expert (group) would win although its score is lower. The certificate must send these rows to
+    the exact path. Planted at the pick boundary (experts 9 vs 10) and at the group boundary (groups 3 vs 5)."""
+    E = 64
+    base = torch.full((E,), -4.0)
+    corr = torch.zeros(E)
+    # picks: expert 0 is first; 9 and 10 (same logit) tie for the second place up to their correction biases
+    base[0], base[9], base[10] = 3.0, 1.0, 1.0
+    c9 = np.float32(1 / (1 + np.exp(np.float32(-1.0))))
+    two_ulp = float(np.nextafter(np.nextafter(c9, np.float32(1)), np.float32(1)) - c9)
+    corr[10] = two_ulp  # c10 = c9 + 2 ulp
+    assert _key_bucket(c9, 6) == _key_bucket(float(np.float32(c9) + np.float32(corr[10])), 6)
+    rule = DeepseekV3Rule(2, 8, 4, True, 1.0, corr)
+    z = base.repeat(8, 1)
+    _v3_check(z, rule, None)
+    from routelens.kernels.triton_route import route_kernel
+
+    assert (route_kernel(z, rule, None, impl="stream")[1].sort(1).values == torch.tensor([0, 10])).all()
+    # groups (8 of 8 experts, 2 kept, k = 4): groups 0 clearly, then 3 and 5 with scores 2 ulps apart (of 1.46)
+    base = torch.full((E,), -6.0)
+    base[0:2] = 4.0
+    base[24:26] = 1.0
+    base[40:42] = 1.0
+    corr = torch.zeros(E)
+    corr[41] = 2 * two_ulp
+    g3 = np.float32(c9) + np.float32(c9)
+    g5 = np.float32(c9) + np.float32(np.float32(c9) + np.float32(corr[41]))
+    assert g5 > g3 and _key_bucket(g3, 3) == _key_bucket(g5, 3)
+    rule = DeepseekV3Rule(4, 8, 2, True, 1.0, corr)  # picks 0, 1, 40, 41: clear of the rest
+    z = base.repeat(8, 1)
+    _v3_check(z, rule, None)
+    assert (route_kernel(z, rule, None, impl="stream")[1] // 8 != 3).all()  # group 5 kept, not 3
+
+
+@interp
+def test_auto_streams_deepseek_v3_from_the_token_threshold(monkeypatch):
+    """``auto`` takes the streamed DeepSeek-V3 kernel (and its redo launch) from ``V3_STREAM_MIN_TOKENS`` tokens,
+    the rows kernel below; both equal the reference."""
+    from routelens.kernels import triton_route
+    from routelens.kernels.reference import masked_route
+
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(triton_route, "_v3_stream_kernel", Spy(triton_route._v3_stream_kernel))
+    monkeypatch.setattr(triton_route, "V3_STREAM_MIN_TOKENS", 16)
+    E = 64
+    rule = DeepseekV3Rule(4, 8, 4, True, 2.5, torch.linspace(-0.1, 0.1, E))
+    t = _tables(E, force=[3], disable=[9], bias={12: 0.5})
+    for T, streamed in ((8, False), (16, True)):
+        z = _distinct_logits(T, E, torch.bfloat16, seed=T)
+        launched.clear()
+        _assert_same("deepseek_v3", *triton_route.route_kernel(z, rule, t), *masked_route(z, rule, t),
+                     rtol=8e-3, atol=1e-3)
+        assert bool(launched) == streamed, (T, launched)

@@ -1,0 +1,250 @@
+"""Streamed group-limited routing for DeepSeek-V3 (sigmoid scores, correction bias, groups scored by their top two):
+the same function as ``triton_route._deepseek_v3_kernel`` (``reference.masked_route``), laid out like
+``triton_stream``: a row belongs to ``S`` threads, each streaming 8-expert chunks of it.
+
+Why: the rows kernel computes PyTorch's exact sigmoid (IEEE ``expf`` and a correctly rounded division, about 17
+instructions) for every logit and spends a warp-wide reduction per pick; on the H100 it reached a sixth of the HBM
+bandwidth at T = 65,536, E = 256, k = 8. Here:
+
+1. Pass 1 scores the groups. A group is ``CPG`` consecutive chunks (DeepSeek-V3: 256 experts in 8 groups of 32,
+   S = 4: one chunk), so each thread takes the top two of its share in registers and the S threads merge them. The
+   choice scores ``c = sigmoid(z') + corr`` (±inf at forced / disabled experts) come from a fast sigmoid
+   (``ex2.approx`` and ``div.approx``: within ``2^-16.8`` of PyTorch's); no selection is final yet.
+2. The ``TOPK_GROUP`` best groups (one reduction over the group keys per kept group) are streamed again (from L1/L2,
+   not HBM) into each thread's sorted list of the k+1 best 32-bit keys (``triton_stream._absorb``), and the S
+   threads pick k (``triton_stream._pick``).
+3. Certificate, per row: the picks' exact choice scores (recomputed from their logits, as PyTorch does) must all lie
+   above the (k+1)-th key's bucket plus the fast sigmoid's error bound (``_slack``), and the kept groups' scores
+   above the dropped ones' by twice the bound. Then the exact selection is this one (its order within the k aside:
+   DeepSeek-V3 returns ``sorted=False``; here by fast-score rank). A block with any row that fails (near-ties
+   within ~2^-15, ties of equal scores at the boundary, fewer than k+1 finite scores in the kept groups) is
+   selected again exactly by ``triton_route``'s rows kernel (exact sigmoid; ties -> lower group / expert, as
+   ``torch.topk`` on CUDA), in a second launch over the blocks this one flagged.
+
+The weights are always the exact sigmoid of the picked logits, renormalised (+1e-20) and scaled as the rule does.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .triton_common import _BIAS, _BIAS_ABS, _MASK, _LOG2E, _TAKEN, _exp, _finish, _split8, \
+    _steered_at
+from .triton_stream import _absorb, _empty_lists, _key32, _pick
+
+
+@triton.jit
+def _sigmoid(z, PRECISE: tl.constexpr):
+    """PyTorch's CUDA sigmoid, bit for bit: ``1 / (1 + expf(-z))`` with IEEE expf and a correctly rounded divide."""
+    return tl.math.div_rn(1.0, 1.0 + _exp(-z, PRECISE))
+
+
+@triton.jit
+def _fast_sigmoid(z, PRECISE: tl.constexpr):
+    """``1 / (1 + 2^(-z·log2 e))`` through ``ex2.approx`` and ``div.approx``: relative error below 2^-17 against
+    the exact sigmoid (the rounded product z·log2 e, |z| < 104 where the result is not saturated, dominates)."""
+    if PRECISE:
+        return libdevice.fast_dividef(1.0, 1.0 + tl.math.exp2(z * -_LOG2E))
+    else:
+        return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _slack(x):
+    """A bound on |fast choice score - exact choice score| near ``x``: the sigmoid's error (< 2^-16.8, as s <= 1)
+    plus the two roundings of ``s + corr`` (4x margin on each)."""
+    return 1.52587890625e-05 + tl.abs(x) * 4.76837158203125e-07  # 2^-16 + |x|·2^-21
+
+
+@triton.jit
+def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr,
+            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """The choice scores of a chunk of logits at ``cols``: ``sigmoid(z') + corr``, +inf at forced and -inf at
+    disabled experts (the steered rule's choice bias, added after the correction bias)."""
+    z = raw.to(tl.float32)
+    if HAS_BIAS:
+        zb = z + tl.load(tabs_ptr + _BIAS * E + cols)
+        if HAS_BIAS_ABS:
+            zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols) * tl.abs(z)
+        z = zb
+    c = _fast_sigmoid(z, PRECISE) + tl.load(corr_ptr + cols).to(tl.float32)
+    if HAS_MASK:
+        m = tl.load(tabs_ptr + _MASK * E + cols)
+        c = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), c))
+    return c
+
+
+@triton.jit
+def _top2_merge(a1, a2, b1, b2):
+    """The two best of two descending pairs."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _top2_of8(x):
+    """The two best of the last dimension (8 entries, one thread's): pairs, then a tree of pair merges."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _split8(x)
+    a1, a2 = _top2_merge(tl.maximum(c0, c1), tl.minimum(c0, c1), tl.maximum(c2, c3), tl.minimum(c2, c3))
+    b1, b2 = _top2_merge(tl.maximum(c4, c5), tl.minimum(c4, c5), tl.maximum(c6, c7), tl.minimum(c6, c7))
+    return _top2_merge(a1, a2, b1, b2)
+
+
+@triton.jit
+def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, S: tl.constexpr, CPG: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
+                 PRECISE: tl.constexpr):
+    """Group ``g``'s score per row, the sum of its two best choice scores (the rule's ``topk(2).sum``), and the
+    larger magnitude of the two (for the error bound)."""
+    a1 = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
+    a2 = a1
+    for ci in tl.static_range(CPG):
+        cols = ((g * CPG + ci) * 8 * S + s[:, None] * 8 + c[None, :])[None, :, :]
+        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+        b1, b2 = _top2_of8(x)
+        a1, a2 = _top2_merge(a1, a2, b1, b2)
+    m1, m2 = tl.reduce((a1, a2), 1, _top2_merge)
+    return m1 + m2, tl.maximum(tl.abs(m1), tl.abs(m2))
+
+
+@triton.jit
+def _key_upper(key, CB: tl.constexpr):
+    """The largest float32 whose 32-bit key (order bits, low CB bits replaced) has the high bits of ``key``."""
+    o = key | ((1 << CB) - 1)
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S: tl.constexpr, CPG: tl.constexpr,
+                GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """Group ``g``'s key (score order bits, low GB bits: the group) into ``gkey``; ``mag``: the largest finite
+    magnitude of a group's two best scores so far (their rounding errors scale with it)."""
+    score, m12 = _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, S, CPG, HAS_BIAS, HAS_BIAS_ABS,
+                              HAS_MASK, PRECISE)
+    mag = tl.maximum(mag, tl.where(m12 < float("inf"), m12, 0.0))
+    return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), mag
+
+
+@triton.jit
+def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c,
+               S: tl.constexpr, CPG: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, GB: tl.constexpr,
+               N_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """The best remaining group (the one with the largest key; all of the row when there is one group) into each
+    thread's list of the N best keys; returns the lists, the group keys without it, and its key."""
+    if N_GROUP > 1:
+        gm = tl.max(gkey, 1)
+        gkey = tl.where(gkey == gm[:, None], _TAKEN, gkey)
+        g = (1 << GB) - 1 - (gm & ((1 << GB) - 1))
+    else:
+        gm = tl.zeros([row_ok.shape[0]], tl.int32)
+        g = gm
+    for ci in tl.static_range(CPG):
+        cols = ((g * CPG + ci) * 8 * S)[:, None, None] + (s[:, None] * 8 + c[None, :])[None, :, :]
+        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, cols, CB), N)
+    return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
+
+
+@triton.jit
+def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: tl.constexpr, S: tl.constexpr,
+               K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
+               N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
+               UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """Passes 1 and 2 and the certificate (module docstring), with the fast sigmoid. Returns the ``[ROWS, SLOTS]``
+    picks, their exact sigmoids, and per row whether the selection is certain. ``UNROLL``: the group loops
+    unrolled (more loads in flight, more registers) or runtime loops."""
+    s = tl.arange(0, S)
+    c = tl.arange(0, 8)
+    base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
+    N: tl.constexpr = K + 1  # the (k+1)-th best bounds what was left out
+    gid = tl.arange(0, G_PAD)
+    sure = row_ok
+    gkey = tl.full([ROWS, G_PAD], _TAKEN, tl.int32)
+    mag = tl.zeros([ROWS], tl.float32)
+    if N_GROUP > 1:  # pass 1: the group keys
+        if UNROLL:
+            for g in tl.static_range(N_GROUP):
+                gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S, CPG, GB,
+                                        HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+        else:
+            for g in tl.range(0, N_GROUP, loop_unroll_factor=1, num_stages=1):
+                gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S, CPG, GB,
+                                        HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
+    gm = tl.zeros([ROWS], tl.int32)
+    if UNROLL:  # pass 2: the kept groups, best first
+        for j in tl.static_range(TOPK_GROUP):
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c, S, CPG, N, CB,
+                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+    else:
+        for j in tl.range(0, TOPK_GROUP, loop_unroll_factor=1, num_stages=1):
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c, S, CPG, N, CB,
+                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+    if N_GROUP > TOPK_GROUP:  # the kept groups above the dropped ones by more than both scores' error bounds
+        lo = _key_upper(gm & ~((1 << GB) - 1), 0)
+        hi = _key_upper(tl.max(gkey, 1), GB)
+        sure = sure & (lo - hi > 8.0 * _slack(mag))  # each score sums two fast scores (4x margin)
+    picked = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, None, 0, ROWS, K, SLOTS, N, CB, True, SLOTS1)
+    sel, last = picked[0], picked[17]
+    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, None, 0.0, HAS_BIAS, False, False)
+    sg = _sigmoid(zs, PRECISE)
+    cs = sg + tl.load(corr_ptr + sel, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        m = tl.load(tabs_ptr + _MASK * E + sel, mask=ok, other=0.0)
+        cs = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), cs))
+    low = tl.min(tl.where(ok, cs, float("inf")), 1)  # the picks' exact scores, lowest
+    up = tl.where(last > _TAKEN, _key_upper(last, CB), -float("inf"))  # what was left out: its key's bucket, top
+    finite = up > -float("inf")
+    up = tl.where(finite, up + _slack(tl.where(finite, up, 0.0)), -float("inf"))
+    return sel, sg, sure & (low > up)
+
+
+@triton.jit
+def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, scaling, redo_ptr, n_redo_ptr,
+                      K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, E_PAD: tl.constexpr,
+                      S: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
+                      N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
+                      PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+    """``DeepseekV3Rule`` (see the module docstring); E = E_PAD, groups of ``CPG`` chunks of ``8·S`` experts.
+    A block with an uncertain row writes nothing: its index goes to ``redo_ptr`` (``n_redo_ptr`` counts them) for
+    ``triton_route``'s exact rows kernel, launched next. (Done here, the exact paths lifted this kernel from 64 to
+    ~125 registers: a quarter of the occupancy, for ~4 % of the blocks.)"""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < T
+    sel, sg, sure = _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS, S, K, SLOTS, SLOTS1,
+                               CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, UNROLL, HAS_BIAS, HAS_BIAS_ABS,
+                               HAS_MASK, PRECISE)
+    if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
+        tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
+    else:
+        ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+        w = tl.where(ok, sg, 0.0)
+        if RENORM:
+            w = tl.math.div_rn(w, (tl.sum(w, 1) + 1e-20)[:, None])
+        w = w * scaling
+        _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+
+
+def v3_stream_config(num_experts: int, n_group: int, topk_group: int, k: int) -> tuple[int, int, int] | None:
+    """``(S, CPG, ROWS)`` for the streamed DeepSeek-V3 kernel, or None where it does not apply: E a power of two,
+    groups of a power-of-two number of experts, at least 8 (S = min(4, group / 8) threads a row, each group
+    ``CPG`` chunks of 8·S), k <= 8, at most 64 groups, and at least k experts in the kept groups."""
+    if k > 8 or num_experts < 8 or num_experts & (num_experts - 1) or not 1 <= n_group <= 64:
+        return None
+    if num_experts % n_group or not 1 <= topk_group <= n_group:
+        return None
+    per = num_experts // n_group
+    if per < 8 or per & (per - 1) or per * topk_group < k:
+        return None
+    s = min(4, per // 8)
+    return s, per // (8 * s), 32 // s
