@@ -142,6 +142,34 @@ def graph_time_cold_ms(call, xs: list[torch.Tensor], reps: int = 24) -> float:
     return graph_time_ms(fn, reps=reps)
 
 
+def routed_bytes(rule, T: int, E: int, k: int, dtype: torch.dtype) -> int:
+    """Bytes one routing call must move: the logits and the packed [9, E] float32 tables read, the weights and
+    int64 indices written (the numerator of every "fraction of HBM" here)."""
+    w_size = torch.empty(0, dtype=weights_dtype(rule, dtype)).element_size()
+    return T * E * torch.empty(0, dtype=dtype).element_size() + 9 * E * 4 + T * k * (w_size + 8)
+
+
+def side_by_side(family: str, rule, x0: torch.Tensor, tables, variants: list[dict], hbm_gbps: float) -> list[dict]:
+    """Each variant (``route_kernel`` keywords) in one run: its selection and weights against the reference on
+    ``x0``, its kernel GPU time with the logits read from HBM (``graph_time_cold_ms``), its fraction of HBM."""
+    T, E = x0.shape
+    xs = cold_inputs(x0)
+    nbytes = routed_bytes(rule, T, E, rule.k, x0.dtype)
+    out = []
+    for v in variants:
+        try:
+            chk = compare(family, rule, x0, tables, lambda z, r, t: route_kernel(z, r, t, **v))
+            ms = graph_time_cold_ms(lambda xi: route_kernel(xi, rule, tables, **v), xs)
+        except Exception as exc:  # noqa: BLE001 - a sweep reports every variant
+            out.append(dict(variant=v, error=str(exc)[:400]))
+        else:
+            out.append(dict(variant=v, us=round(ms * 1e3, 2), frac_hbm=round(nbytes / (ms / 1e3) / 1e9 / hbm_gbps, 3),
+                            set_equal=chk["rows_set_equal"] == T, sel_equal=chk["rows_selection_equal"],
+                            w_err=chk["weights_max_abs_err"]))
+        print(family, E, rule.k, out[-1], flush=True)
+    return out
+
+
 def hbm_bandwidth(device) -> dict:
     n = 1 << 29  # 1 GiB of bf16
     src = torch.empty(n, dtype=torch.bfloat16, device=device)
@@ -236,8 +264,7 @@ def grid(device, Ts, Es, ks, hbm_gbps: float) -> list[dict]:
                     reps = 200 if T <= 64 else (50 if T <= 4096 else 20)
                     ref_ms = time_ms(lambda: masked_route(x, rule, tables), reps)
                     ker_ms = time_ms(lambda: masked_route_triton(x, rule, tables), reps)
-                    w_size = torch.empty(0, dtype=weights_dtype(rule, x.dtype)).element_size()
-                    nbytes = T * E * x.element_size() + 9 * E * 4 + T * k * (w_size + 8)
+                    nbytes = routed_bytes(rule, T, E, k, x.dtype)
                     try:  # the kernel's device time (CUDA graph replay, logits read from HBM): the bandwidth
                         gpu_ms = graph_time_cold_ms(lambda xi: route_kernel(xi, rule, tables), cold_inputs(x))
                     except Exception as exc:  # noqa: BLE001 - recorded, not fatal
@@ -291,8 +318,7 @@ def block_sweep(device, T: int, E: int, hbm_gbps: float) -> list[dict]:
         for k in (2, 8):
             rule = make_rule(family, E, k, device)
             tables = make_tables(family, E, k)
-            w_size = torch.empty(0, dtype=weights_dtype(rule, torch.bfloat16)).element_size()
-            nbytes = T * E * 2 + 9 * E * 4 + T * k * (w_size + 8)
+            nbytes = routed_bytes(rule, T, E, k, torch.bfloat16)
             variants = [dict(impl="rows", block_rows=b, num_warps=w) for b, w in ((2, 1), (4, 1), (8, 2))]
             if isinstance(rule, DeepseekV3Rule) and _streams(rule, E):
                 variants.append(dict(impl="stream"))
