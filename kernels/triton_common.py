@@ -88,6 +88,12 @@ def _order_bits(x):
 
 
 @triton.jit
+def _from_order_bits(o):
+    """The float32 whose order bits (``_order_bits``) are ``o``."""
+    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _ce(a, b):
     return tl.maximum(a, b), tl.minimum(a, b)
 

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_common import _BIAS, _BIAS_ABS, _MASK, _LOG2E, _TAKEN, _exp, _finish, _split8, \
-    _steered_at
+from .triton_common import (_BIAS, _BIAS_ABS, _MASK, _LOG2E, _TAKEN, _exp, _finish, _from_order_bits, _split8,
+                            _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -111,8 +111,7 @@ def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, S: tl.constexpr, 
 @triton.jit
 def _key_upper(key, CB: tl.constexpr):
     """The largest float32 whose 32-bit key (order bits, low CB bits replaced) has the high bits of ``key``."""
-    o = key | ((1 << CB) - 1)
-    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return _from_order_bits(key | ((1 << CB) - 1))
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SPW, _TAKEN, _TAKEN64, _ce, _exp,
-                            _finish, _order_bits, _sort8, _split8, _steered_at)
+                            _finish, _from_order_bits, _order_bits, _sort8, _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
@@ -266,16 +266,14 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
 @triton.jit
 def _key_value(key, CB: tl.constexpr):
     """The float32 a 32-bit key was made from, its low CB bits cleared (within 2^CB ulp, for the offset guard)."""
-    o = key & ~((1 << CB) - 1)
-    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return _from_order_bits(key & ~((1 << CB) - 1))
 
 
 @triton.jit
 def _key_exact(key, CB: tl.constexpr):
     """The float32 an exact 32-bit key was made from (scores with zero low CB bits: 16-bit logits, unbiased): the
     order bits get their low bits back (0, or 1 for negative scores, whose order bits are inverted)."""
-    o = (key & ~((1 << CB) - 1)) | ((key >> 31) & ((1 << CB) - 1))
-    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return _from_order_bits((key & ~((1 << CB) - 1)) | ((key >> 31) & ((1 << CB) - 1)))
 
 
 @triton.jit
@@ -356,11 +354,6 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
     return (sel, _from_order_bits(obits), cols, near, ecol, _from_order_bits(eob), eok, cand,
             l0, l1, l2, l3, l4, l5, l6, l7, l8, prev)
 
-
-@triton.jit
-def _from_order_bits(o):
-    """The float32 whose order bits (``_order_bits``) are ``o``."""
-    return (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
