@@ -466,12 +466,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         e_pad, _, warps = launch_config(E, T, rows)
         _deepseek_v3_redo_kernel[(min(n_blocks, _redo_programs(logits.device)),)](
             logits, logits.stride(0), tab, corr, weights, indices, T, E, fd, float(rule.scaling), redo[1:], redo,
-            K=k, SLOTS=max(e_pad // 8, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=rows,
-            CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_FORCE=has_force and fd > 0,
-            HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, RENORM=bool(rule.renormalize),
-            PRECISE=precise, PER_GROUP=E // int(rule.n_group), N_GROUP=int(rule.n_group),
-            TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad, RESHAPE=_groups_fill(E, e_pad, int(rule.n_group)),
-            num_warps=warps, enable_fp_fusion=False)
+            RENORM=bool(rule.renormalize), **_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
+            **_rows_kwargs(k, e_pad, rows, warps, _device[1], force_delta, precise))
         return weights, indices
     # force with δ <= 0 sets the forced logits to the row max (+ δ), which a single pass does not know yet
     if impl != "rows" and not isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and not (
@@ -510,30 +506,19 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         raise InputError(f"no streamed kernel for {why}; use impl='rows' or 'auto'")
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
     grid = (triton.cdiv(T, block_t),)
-    # slots: the k picks laid out like the chunk heads (one per thread) when there are at least k chunks
-    common = dict(K=k, SLOTS=max(e_pad // 8, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=block_t,
-                  CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask,
-                  HAS_FORCE=has_force and force_delta > 0, HAS_BOOST=has_boost,
-                  RENORM_BOOST=has_boost and renorm_boost,
-                  PRECISE=precise, num_warps=warps,
-                  enable_fp_fusion=False)
+    common = _rows_kwargs(k, e_pad, block_t, warps, _device[1], force_delta, precise)
     if isinstance(rule, SoftmaxTopK):
         _softmax_topk_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
                                    RENORM=bool(rule.renormalize), **common)
     elif isinstance(rule, DeepseekV3Rule):
-        n_group = int(rule.n_group)
         _deepseek_v3_kernel[grid](logits, logits.stride(0), tab, corr, weights, indices, T, E, fd,
-                                  float(rule.scaling), RENORM=bool(rule.renormalize), PER_GROUP=E // n_group,
-                                  N_GROUP=n_group, TOPK_GROUP=int(rule.topk_group),
-                                  G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group),
-                                  **common)
+                                  float(rule.scaling), RENORM=bool(rule.renormalize),
+                                  **_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)), **common)
     elif isinstance(rule, DeepseekV2Rule):
         grouped = rule.method == "group_limited_greedy"
-        n_group = int(rule.n_group) if grouped else 1
         _deepseek_v2_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd, float(rule.scaling),
-                                  GROUPED=grouped, PER_GROUP=E // n_group, N_GROUP=n_group,
-                                  TOPK_GROUP=int(rule.topk_group) if grouped else 1,
-                                  G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group),
+                                  GROUPED=grouped, **_group_kwargs(E, e_pad, int(rule.n_group) if grouped else 1,
+                                                                   int(rule.topk_group) if grouped else 1),
                                   **common)
     elif isinstance(rule, GptOssRule):
         _gpt_oss_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd, **common)
@@ -544,6 +529,23 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
 
 
 V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)
+
+
+def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, force_delta: float,
+                 precise: bool) -> dict:
+    """The launch keywords every rows kernel takes (``flags``: ``_device_tables``'). Slots: the k picks laid out
+    like the chunk heads (one per thread) when there are at least k chunks."""
+    has_bias, has_mask, has_boost, renorm_boost, n_forced = flags[:5]
+    return dict(K=k, SLOTS=max(e_pad // 8, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=block_t,
+                CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask,
+                HAS_FORCE=n_forced > 0 and force_delta > 0, HAS_BOOST=has_boost,
+                RENORM_BOOST=has_boost and renorm_boost, PRECISE=precise, num_warps=warps, enable_fp_fusion=False)
+
+
+def _group_kwargs(E: int, e_pad: int, n_group: int, topk_group: int) -> dict:
+    """The group-limited kernels' keywords (DeepSeek-V3, V2 grouped; one group of E for V2 greedy)."""
+    return dict(PER_GROUP=E // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group))
 
 
 def _redo_programs(device) -> int:
