@@ -6,12 +6,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# rows of the packed [9, E] float32 table: the spec's four (mask -1/0/+1, bias, bias_abs, boost) and five derived
+# rows of the packed [10, E] float32 table: the spec's four (mask -1/0/+1, bias, bias_abs, boost) and six derived
 # for the streamed kernel, so that no mask test runs per element: DROP (-inf at disabled and forced experts, else
-# 0: what leaves the selection and the softmax sum), and as int32 bits FCOL (the forced columns, ascending), SPW
-# (one bit per special column: any bias or mask, 32 columns a word), CCOL (the enabled special columns: biased),
-# DCOL (the disabled and forced columns); each list is followed by zeros
-_MASK, _BIAS, _BIAS_ABS, _BOOST, _DROP, _FCOL, _SPW, _CCOL, _DCOL = (tl.constexpr(i) for i in range(9))
+# 0: what leaves the selection and the softmax sum), as int32 bits FCOL (the forced columns, ascending), SPW (one
+# bit per special column: any bias or mask, 32 columns a word), CCOL (the enabled special columns: biased), DCOL
+# (the disabled and forced columns), each list followed by zeros; and SDROP (-inf at the special columns, else 0)
+_MASK, _BIAS, _BIAS_ABS, _BOOST, _DROP, _FCOL, _SPW, _CCOL, _DCOL, _SDROP = (tl.constexpr(i) for i in range(10))
 _TAKEN = tl.constexpr(-2147483648)  # int32 min: below every selection key (the key of -inf is above it)
 _TAKEN64 = tl.constexpr(-9223372036854775807)
 _LOG2E = tl.constexpr(1.4426950408889634)

@@ -479,12 +479,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         # the sparse form needs exact stream keys: its special columns compare exactly against them
         sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
         lossy = (has_bias and not sparse) or not exact_keys
-        # measured side by side on the H100 (benchmarks/results/stream_variants_gpu.json): decode the picks'
-        # scores from their keys for k <= 4 and gather them for k = 8; keep -0.0 in the keys (an add per logit
-        # less, a block with a pick of value 0 selected again) for k = 8 in the families with a softmax sum
-        opts = dict(VALS=k <= 4, KEEP_SIGN=not lossy and k > 4 and family < 2,
-                    # sparsemixer: room in each thread's list for the keys near the picks (its weights' sets)
-                    N=k + lossy if family < 3 else 4 if k + lossy < 4 else 9)
+        opts = stream_choices(family, k, lossy)
         opts.update(_stream_opts or {})
         param = float(rule.scaling) if family == 1 else float(2 * rule.jitter_eps) if family == 3 else 1.0
         _stream_topk_kernel[(triton.cdiv(T, rows),)](
@@ -526,6 +521,24 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         _sparsemixer_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
                                   float(2 * rule.jitter_eps), **common)
     return weights, indices
+
+
+def stream_choices(family: int, k: int, lossy: bool) -> dict:
+    """The streamed kernel's code-generation choices for ``family`` (0 softmax-top-k, 1 DeepSeek-V2 greedy,
+    2 gpt-oss, 3 sparsemixer), measured side by side on the H100 (``benchmarks/stream_variants_gpu.py``):
+
+    - ``VALS``: decode the picks' scores from their keys for k <= 4, gather them for k = 8;
+    - ``KEEP_SIGN``: keep -0.0 in the keys (an add per logit less, a block with a pick of value 0 selected again)
+      for k > 4 in the families with a softmax sum (``stream_variants_gpu.json``);
+    - ``N``: the list length per thread (sparsemixer: room for the keys near the picks, its weights' sets);
+    - ``SP_TABLE``, ``KEY_FMA`` (``stream_pipes_gpu.json``): the streams bound by the integer pipe (the lists'
+      min/max) take the sparse form's special columns out through a table row added per logit (the FMA pipe)
+      rather than a bit test and select, and, without a softmax sum (whose exponentials load the FMA pipe and the
+      issue slots), make the keys' sign masks with integer multiplies."""
+    sums = family < 2
+    n = k + lossy if family < 3 else 4 if k + lossy < 4 else 9
+    return dict(VALS=k <= 4, KEEP_SIGN=not lossy and k > 4 and sums, N=n, SP_TABLE=not sums or n >= 4,
+                KEY_FMA=not sums)
 
 
 V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)

@@ -20,14 +20,23 @@ the exponentials into it and kept all of a thread's scores live through the stre
 64-79).
 
 Steering. Where a layer's spec touches at most ``SPARSE_MAX`` experts and the logits are 16-bit (exact keys),
-each touched ("special") expert leaves the stream through one bit (``SPW``: a shift per thread and chunk, a bit
-test and a select per logit) and comes back as gathers at the end: the enabled biased ones (``CCOL``) compete in
-the picks with exact 64-bit keys and join the sum. The force value is the stream's running max of the raw logits
-and the candidates' biased ones, unless a biased expert holds the raw max (or a disabled or forced one is biased):
-then the block takes it apart from the best key (exact), the candidates and the gathered disabled and forced
-experts (``DCOL``). Otherwise one table row per column, ``DROP`` (-inf at disabled and forced experts), is added to
-the biased logits. Either way forced experts take the first slots (their score, row max + δ,
+each touched ("special") expert leaves the stream and comes back as gathers at the end: the enabled biased ones
+(``CCOL``) compete in the picks with exact 64-bit keys and join the sum. The force value is the stream's running
+max of the raw logits and the candidates' biased ones, unless a biased expert holds the raw max (or a disabled or
+forced one is biased): then the block takes it apart from the best key (exact), the candidates and the gathered
+disabled and forced experts (``DCOL``). Otherwise one table row per column, ``DROP`` (-inf at disabled and forced
+experts), is added to the biased logits. Either way forced experts take the first slots (their score, row max + δ,
 is above every other), in ascending column order as ``torch.topk`` breaks their tie.
+
+How the special experts leave (``SP_TABLE``) and how keys get their sign masks (``KEY_FMA``) follow from the H100's
+pipes (Nsight Compute: the long lists' streams keep the half-rate integer pipe ~75 % busy with min/max, logic and
+selects, while the issue slots are ~50 % busy): ``SP_TABLE`` adds a table row (``SDROP``: -inf at the special
+columns, loaded with the chunk) per logit, a float add on the FMA pipe, where the bit test (``SPW``: a shift per
+thread and chunk, a bit test and a select per logit) costs three integer-pipe instructions; ``KEY_FMA`` makes the
+keys' sign masks with two integer multiplies (FMA pipe) instead of a shift. Each pays where the integer pipe binds
+(``triton_route.stream_choices``, measured side by side): ``SP_TABLE`` for lists of 4 or more and for the families
+without a softmax sum, ``KEY_FMA`` for those families only (the sum's exponentials already load the FMA pipe and
+the issue slots there).
 
 Sparsemixer has no row-wide sum: round j's weight is a softmax over the experts not yet picked within 2ε
 (relative) of pick j. The smallest pick bounds all of them (``_sm_weights``), so each thread's list has room for
@@ -49,8 +58,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SPW, _TAKEN, _TAKEN64, _ce, _exp,
-                            _finish, _from_order_bits, _order_bits, _sort8, _split8, _steered_at)
+from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
+                            _ce, _exp, _finish, _from_order_bits, _order_bits, _sort8, _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
@@ -77,27 +86,38 @@ def _load(base, cols, row_ok, E, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fetch(base, itabs, ch, s, c, row_ok, E, S: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr):
-    """Chunk ``ch``'s logits and, for the sparse form, each thread's bits of the special-column word (32 columns a
-    word) shifted to its 8 columns; issued ahead of use (``_stream``'s prefetch window)."""
-    raw = _load(base, ch * 8 * S + s[:, None] * 8 + c[None, :], row_ok, E, EVEN)
-    if SPARSE:
-        word = tl.load(itabs + _SPW * E + (ch * 8 * S) // 32)
+def _fetch(base, tabs_ptr, ch, s, c, row_ok, E, S: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr,
+           SP_TABLE: tl.constexpr):
+    """Chunk ``ch``'s logits and, for the sparse form, its ``SDROP`` entries (``SP_TABLE``) or each thread's bits
+    of the special-column word (32 columns a word) shifted to its 8 columns, issued ahead of use (``_stream``'s
+    prefetch window: the table entries waited on at once measured slower than the bit test)."""
+    cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+    raw = _load(base, cols, row_ok, E, EVEN)
+    if SPARSE and SP_TABLE:
+        if EVEN:
+            return raw, tl.load(tabs_ptr + _SDROP * E + cols)
+        else:
+            return raw, tl.load(tabs_ptr + _SDROP * E + cols, mask=cols < E, other=0.0)
+    elif SPARSE:
+        word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
         return raw, word >> ((ch * 8 * S) % 32 + s * 8)
     else:
-        return raw, s
+        return raw, raw
 
 
 @triton.jit
 def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-           HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, special=None, raw=None, CANON: tl.constexpr = True):
+           HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, raw=None, CANON: tl.constexpr = True,
+           drop=None, special=None):
     """One chunk ``[ROWS, S, 8]`` of the block: ``z' = z + b (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``,
-    which is ``z'`` with -inf at disabled and forced experts (and, when ``CANON``, +0.0 for -0.0, as a float
-    comparison sees it; otherwise the caller checks picks of value 0). ``raw``: the chunk's logits when already
-    loaded."""
+    which is ``z'`` plus the table row ``DROP`` when ``HAS_MASK`` (-inf at disabled and forced experts; or
+    ``drop``, the sparse form's ``SDROP`` entries: -inf at every special column, unbiased ``z``), which also turns
+    -0.0 into +0.0, as a float comparison sees it (so does ``CANON`` without a mask; otherwise the caller checks
+    picks of value 0). ``special``: the sparse form's other way, one bit per column (-inf where set). ``raw``: the
+    chunk's logits when already loaded."""
     if raw is None:
         raw = _load(base, cols, row_ok, E, EVEN)
-    if special is not None:  # the sparse form: special columns (steered in any way) leave, as -inf
+    if special is not None:
         z = raw.to(tl.float32)
         if not EVEN:
             z = tl.where((cols < E)[None, :, :], z, -float("inf"))
@@ -111,7 +131,9 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
             if HAS_BIAS_ABS:
                 zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols)[None, :, :] * tl.abs(z)
             z = zb
-        if HAS_MASK:  # + 0.0 where kept, which also turns -0.0 into +0.0
+        if drop is not None:
+            zd = z + drop[None, :, :]
+        elif HAS_MASK:  # + 0.0 where kept, which also turns -0.0 into +0.0
             zd = z + tl.load(tabs_ptr + _DROP * E + cols)[None, :, :]
         elif CANON:
             zd = z + 0.0
@@ -126,7 +148,9 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
                 zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols, mask=col_ok, other=0.0)[None, :, :] * tl.abs(z)
             z = zb
         z = tl.where(col_ok[None, :, :], z, -float("inf"))
-        if HAS_MASK:
+        if drop is not None:
+            zd = z + drop[None, :, :]
+        elif HAS_MASK:
             zd = z + tl.load(tabs_ptr + _DROP * E + cols, mask=col_ok, other=0.0)[None, :, :]
         elif CANON:
             zd = z + 0.0
@@ -220,7 +244,8 @@ def _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N: tl.constexpr):
 def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr, S: tl.constexpr,
             E_PAD: tl.constexpr, EVEN: tl.constexpr, CB: tl.constexpr, N: tl.constexpr, SUM: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
-            SPARSE: tl.constexpr, PRECISE: tl.constexpr, CANON: tl.constexpr):
+            SPARSE: tl.constexpr, PRECISE: tl.constexpr, CANON: tl.constexpr, SP_TABLE: tl.constexpr,
+            KEY_FMA: tl.constexpr):
     """One pass over the block: per thread (``[ROWS, S]`` each) the ``N`` best keys of ``zd`` (lists of up to 4,
     or 8 [+ a 9th when N = 9]); the row max of ``z'`` (SteerMoE's force value); the offset ``off`` (the first
     chunk's max of ``z'``) and ``Σ exp(zd - off)``."""
@@ -233,22 +258,23 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
     off_l2 = tl.zeros([ROWS, S], tl.float32)
     acc = tl.zeros([ROWS, S], tl.float32)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
-    itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
     NCH: tl.constexpr = E_PAD // (8 * S)
     # the next chunk's load is issued before this chunk's work (ptxas schedules the loads itself; a wider window
     # written here compiled to the same SASS)
-    nxt, nxt_sh = _fetch(base, itabs, 0, s, c, row_ok, E, S, EVEN, SPARSE)
+    nxt, nxt_sp = _fetch(base, tabs_ptr, 0, s, c, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
     for ch in tl.static_range(NCH):
         cols = ch * 8 * S + s[:, None] * 8 + c[None, :]  # [S, 8]
         raw = nxt
-        sh = nxt_sh
+        sp = nxt_sp
         if ch + 1 < NCH:
-            nxt, nxt_sh = _fetch(base, itabs, ch + 1, s, c, row_ok, E, S, EVEN, SPARSE)
-        if SPARSE:  # one test of a fixed bit per element: special columns (steered in any way) leave
-            special = (sh[:, None] & (1 << c)[None, :]) != 0
-            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, special, raw, CANON)
+            nxt, nxt_sp = _fetch(base, tabs_ptr, ch + 1, s, c, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+        if SPARSE and SP_TABLE:  # special columns (steered in any way) leave: + SDROP (-inf there), unbiased
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, raw, CANON, sp)
+        elif SPARSE:  # or through one test of a fixed bit per element
+            special = (sp[:, None] & (1 << c)[None, :]) != 0
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, raw, CANON, None, special)
         else:
-            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, None, raw, CANON)
+            z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, raw, CANON)
         if HAS_FORCE:  # sparse form: the raw logits, biased columns included (the kernel checks those)
             row_max = tl.maximum(row_max, tl.max(z, 2))
         if SUM:
@@ -258,7 +284,7 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
                     off = tl.where(off == -float("inf"), 0.0, off)
                 off_l2 = off * _LOG2E
             acc += tl.sum(_exp2_off(zd, off_l2[:, :, None], PRECISE), 2)
-        key = _key32(zd, cols[None, :, :], CB)
+        key = _key32(zd, cols[None, :, :], CB, KEY_FMA)
         l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc
 
@@ -401,11 +427,18 @@ def _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS: tl.con
 
 
 @triton.jit
-def _key32(x, cols, CB: tl.constexpr):
+def _key32(x, cols, CB: tl.constexpr, EXACT: tl.constexpr = False):
     """The selection key of float32 scores ``x`` at ``cols``: order bits, the low CB bits set to 2^CB - 1 - column
-    (``LOW ^ column``: the column has only those bits)."""
+    (``LOW ^ column``: the column has only those bits). ``EXACT``: the low CB bits of ``x`` are 0 (16-bit logits),
+    so one three-way xor does it, the sign mask coming from two integer multiplies (on the FMA pipe, not the
+    integer pipe that the lists' min/max saturate)."""
+    LOW: tl.constexpr = (1 << CB) - 1
     b32 = x.to(tl.int32, bitcast=True)
-    return ((b32 ^ ((b32 >> 31) & 0x7FFFFFFF)) | ((1 << CB) - 1)) ^ cols
+    if EXACT:
+        neg = tl.umulhi(b32.to(tl.uint32, bitcast=True), 2)  # b32 >> 31, logical
+        return b32 ^ (neg * (0x7FFFFFFF & ~LOW)).to(tl.int32, bitcast=True) ^ (LOW ^ cols)
+    else:
+        return ((b32 ^ ((b32 >> 31) & 0x7FFFFFFF)) | LOW) ^ cols
 
 
 @triton.jit(do_not_specialize=["n_forced", "n_cand", "n_drop"])
@@ -419,21 +452,22 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
                         RENORM: tl.constexpr, PRECISE: tl.constexpr, VALS: tl.constexpr,
-                        KEEP_SIGN: tl.constexpr):
+                        KEEP_SIGN: tl.constexpr, SP_TABLE: tl.constexpr, KEY_FMA: tl.constexpr = False):
     """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2), ``SparseMixerRule`` (3); see
     the module docstring. ``scaling``: DeepSeek-V2's routed scaling factor, sparsemixer's 2ε. ``N``: list length per
     thread (k, +1 for ``LOSSY``; sparsemixer: 4 or 9, room for the keys near the picks).
 
-    ``SPARSE``: the special columns (any bias or mask) leave the stream through one bit each and come back as
-    gathers: ``n_cand`` enabled biased columns (``CCOL``) compete in the picks and join the sum; the ``n_drop``
-    disabled and forced ones (``DCOL``) only count for the row max (force; ``D_BIAS``: some of them are biased)."""
+    ``SPARSE``: the special columns (any bias or mask) leave the stream (``SP_TABLE``: through the ``SDROP`` row,
+    else one bit each; ``KEY_FMA``: see the module docstring) and come back as gathers: ``n_cand`` enabled biased
+    columns (``CCOL``) compete in the picks and join the sum; the ``n_drop`` disabled and forced ones (``DCOL``)
+    only count for the row max (force; ``D_BIAS``: some of them are biased)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
     SUM: tl.constexpr = FAMILY < _GPT_OSS  # the softmax families: a sum over the whole row
     l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
         logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
-        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN)
+        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN, SP_TABLE, KEY_FMA and not LOSSY)
     if SUM:  # a thread whose best enabled score is far from its offset: its sum may have over- or underflowed
         best = _key_value(l0, CB) - off
         far = ((best > _SPAN) | ((best < -_SPAN) & (l0 != _TAKEN))).to(tl.int32)
@@ -682,9 +716,9 @@ SPARSE_MAX = 64  # special columns beyond which the dense tables (one load per c
 
 def stream_rows(mask: np.ndarray, bias: np.ndarray, bias_abs: np.ndarray
                 ) -> tuple[np.ndarray, tuple[int, int, bool]]:
-    """The derived table rows DROP, FCOL, SPW, CCOL, DCOL (see ``triton_common``) of a layer, ``[5, E]`` float32,
-    and for the sparse form: the counts of enabled biased columns and of disabled and forced columns, and whether
-    any of the latter is biased."""
+    """The derived table rows DROP, FCOL, SPW, CCOL, DCOL, SDROP (see ``triton_common``) of a layer, ``[6, E]``
+    float32 (FCOL..DCOL as int32 bits), and for the sparse form: the counts of enabled biased columns and of
+    disabled and forced columns, and whether any of the latter is biased."""
     E = mask.shape[0]
     drop = np.where(mask != 0, -np.inf, 0.0).astype(np.float32)
     special = (mask != 0) | (bias != 0) | (bias_abs != 0)
@@ -699,4 +733,6 @@ def stream_rows(mask: np.ndarray, bias: np.ndarray, bias_abs: np.ndarray
     rows[2, :cand.size] = cand
     rows[3, :dropped.size] = dropped
     drop_biased = bool(((bias != 0) | (bias_abs != 0))[dropped].any())
-    return np.concatenate([drop[None], rows.view(np.float32)]), (int(cand.size), int(dropped.size), drop_biased)
+    sdrop = np.where(special, -np.inf, 0.0).astype(np.float32)
+    return (np.concatenate([drop[None], rows.view(np.float32), sdrop[None]]),
+            (int(cand.size), int(dropped.size), drop_biased))
