@@ -25,10 +25,8 @@ sys.path.insert(0, "benchmarks")
 sys.path.insert(0, ".")
 from steer_kernels_gpu import hbm_bandwidth, make_rule, make_tables, side_by_side  # noqa: E402
 
-from routelens.kernels.triton_route import stream_choices  # noqa: E402
+from routelens.kernels.triton_route import stream_choices, stream_family  # noqa: E402
 from routelens.steering.spec import LayerTables  # noqa: E402
-
-FAMILY_IDS = {"softmax_topk": 0, "deepseek_v2_greedy": 1, "gpt_oss": 2, "sparsemixer": 3}
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -46,7 +44,7 @@ out = {"hbm_GB_per_s": hbm, "T": T, "E": E, "rows": []}
 for family in args.families.split(","):
     for k in (int(x) for x in args.k.split(",")):
         rule = make_rule(family, E, k, dev)
-        default = stream_choices(FAMILY_IDS[family], k, lossy=False)  # bf16 logits: exact keys
+        default = stream_choices(stream_family(rule), k, lossy=False)  # bf16 logits: exact keys
         named = [("default", default)] + [(f"{c} flipped", dict(default, **{c: not default[c]}))
                                           for c in args.choices.split(",")]
         for steered in [m == "steered" for m in args.modes.split(",")]:

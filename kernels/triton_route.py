@@ -473,8 +473,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     if impl != "rows" and not isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and not (
             has_force and force_delta <= 0):
         e_pad, s, rows, warps = stream_config(E, T, threads_per_row, num_warps)
-        family = (0 if isinstance(rule, SoftmaxTopK) else 1 if isinstance(rule, DeepseekV2Rule)
-                  else 2 if isinstance(rule, GptOssRule) else 3)
+        family = stream_family(rule)
         exact_keys = logits.dtype in (torch.bfloat16, torch.float16) and e_pad <= 1 << 13
         # the sparse form needs exact stream keys: its special columns compare exactly against them
         sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
@@ -523,9 +522,15 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     return weights, indices
 
 
+def stream_family(rule) -> int:
+    """``triton_stream``'s FAMILY of a rule it streams: 0 softmax-top-k, 1 DeepSeek-V2 greedy, 2 gpt-oss,
+    3 sparsemixer."""
+    return (0 if isinstance(rule, SoftmaxTopK) else 1 if isinstance(rule, DeepseekV2Rule)
+            else 2 if isinstance(rule, GptOssRule) else 3)
+
+
 def stream_choices(family: int, k: int, lossy: bool) -> dict:
-    """The streamed kernel's code-generation choices for ``family`` (0 softmax-top-k, 1 DeepSeek-V2 greedy,
-    2 gpt-oss, 3 sparsemixer), measured side by side on the H100 (``benchmarks/stream_variants_gpu.py``):
+    """The streamed kernel's code-generation choices for ``family`` (``stream_family``), measured side by side on the H100 (``benchmarks/stream_variants_gpu.py``):
 
     - ``VALS``: decode the picks' scores from their keys for k <= 4, gather them for k = 8;
     - ``KEEP_SIGN``: keep -0.0 in the keys (an add per logit less, a block with a pick of value 0 selected again)

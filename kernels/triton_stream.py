@@ -381,7 +381,6 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, cand, n_forced, ROWS: tl.constexpr
             l0, l1, l2, l3, l4, l5, l6, l7, l8, prev)
 
 
-
 @triton.jit
 def _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROWS: tl.constexpr, S: tl.constexpr,
                   E_PAD: tl.constexpr, EVEN: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
@@ -427,14 +426,14 @@ def _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS: tl.con
 
 
 @triton.jit
-def _key32(x, cols, CB: tl.constexpr, EXACT: tl.constexpr = False):
+def _key32(x, cols, CB: tl.constexpr, FMA: tl.constexpr = False):
     """The selection key of float32 scores ``x`` at ``cols``: order bits, the low CB bits set to 2^CB - 1 - column
-    (``LOW ^ column``: the column has only those bits). ``EXACT``: the low CB bits of ``x`` are 0 (16-bit logits),
-    so one three-way xor does it, the sign mask coming from two integer multiplies (on the FMA pipe, not the
+    (``LOW ^ column``: the column has only those bits). ``FMA`` (only for exact keys: the low CB bits of ``x`` are
+    0, 16-bit logits): one three-way xor, the sign mask from two integer multiplies (on the FMA pipe, not the
     integer pipe that the lists' min/max saturate)."""
     LOW: tl.constexpr = (1 << CB) - 1
     b32 = x.to(tl.int32, bitcast=True)
-    if EXACT:
+    if FMA:
         neg = tl.umulhi(b32.to(tl.uint32, bitcast=True), 2)  # b32 >> 31, logical
         return b32 ^ (neg * (0x7FFFFFFF & ~LOW)).to(tl.int32, bitcast=True) ^ (LOW ^ cols)
     else:
@@ -452,7 +451,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
                         RENORM: tl.constexpr, PRECISE: tl.constexpr, VALS: tl.constexpr,
-                        KEEP_SIGN: tl.constexpr, SP_TABLE: tl.constexpr, KEY_FMA: tl.constexpr = False):
+                        KEEP_SIGN: tl.constexpr, SP_TABLE: tl.constexpr, KEY_FMA: tl.constexpr):
     """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2), ``SparseMixerRule`` (3); see
     the module docstring. ``scaling``: DeepSeek-V2's routed scaling factor, sparsemixer's 2ε. ``N``: list length per
     thread (k, +1 for ``LOSSY``; sparsemixer: 4 or 9, room for the keys near the picks).

@@ -543,7 +543,6 @@ def test_steer_backend_triton_equals_torch(family):
 # -- the streamed kernel's rare paths ---------------------------------------------------------------------------------
 
 STREAMED = ("softmax_renorm", "softmax_raw_f32", "deepseek_v2_greedy", "gpt_oss", "sparsemixer")
-STREAMED_FAMILY = {"softmax_renorm": 0, "softmax_raw_f32": 0, "deepseek_v2_greedy": 1, "gpt_oss": 2, "sparsemixer": 3}
 
 
 @interp
@@ -693,12 +692,11 @@ def test_stream_choices_flipped_agree_with_the_reference(name, k, flip):
     import dataclasses
 
     from routelens.kernels.reference import masked_route
-    from routelens.kernels.triton_route import route_kernel, stream_choices
+    from routelens.kernels.triton_route import route_kernel, stream_choices, stream_family
 
     E = 64
     rule = dataclasses.replace(RULES[name](E), k=k)
-    family = STREAMED_FAMILY[name]
-    opts = stream_choices(family, k, lossy=False)  # bf16 logits: exact keys
+    opts = stream_choices(stream_family(rule), k, lossy=False)  # bf16 logits: exact keys
     opts[flip] = not opts[flip]
     z = _distinct_logits(16, E, torch.bfloat16, seed=21)
     g = torch.Generator().manual_seed(22)  # rows 8-15 all negative, so that negative scores are picked
