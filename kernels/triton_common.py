@@ -36,6 +36,19 @@ def _sum_exp(x, mx, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _at_cols(ptr, cols, shape, col_ok=None):
+    """Table entries ``ptr[cols]`` laid out as a chunk of logits of ``shape`` (``[ROWS, S, 8]``): each thread loads
+    its own columns' entries, the rows' copies from L1. (Loaded as ``[S, 8]`` and broadcast, they reached the
+    chunk's layout through shared memory, a barrier each chunk: sm_90 SASS.)"""
+    ptrs = tl.broadcast_to(ptr + cols, shape)
+    if col_ok is None:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=tl.broadcast_to(col_ok, shape), other=0.0)
+    return x
+
+
+@triton.jit
 def _tile(T, E, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_common import (_BIAS, _BIAS_ABS, _MASK, _LOG2E, _TAKEN, _exp, _finish, _from_order_bits, _split8,
-                            _steered_at)
+from .triton_common import (_BIAS, _BIAS_ABS, _MASK, _LOG2E, _TAKEN, _at_cols, _exp, _finish, _from_order_bits,
+                            _split8, _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -64,13 +64,13 @@ def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr,
     disabled experts (the steered rule's choice bias, added after the correction bias)."""
     z = raw.to(tl.float32)
     if HAS_BIAS:
-        zb = z + tl.load(tabs_ptr + _BIAS * E + cols)
+        zb = z + _at_cols(tabs_ptr + _BIAS * E, cols, raw.shape)
         if HAS_BIAS_ABS:
-            zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols) * tl.abs(z)
+            zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols, raw.shape) * tl.abs(z)
         z = zb
-    c = _fast_sigmoid(z, PRECISE) + tl.load(corr_ptr + cols).to(tl.float32)
+    c = _fast_sigmoid(z, PRECISE) + _at_cols(corr_ptr, cols, raw.shape).to(tl.float32)
     if HAS_MASK:
-        m = tl.load(tabs_ptr + _MASK * E + cols)
+        m = _at_cols(tabs_ptr + _MASK * E, cols, raw.shape)
         c = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), c))
     return c
 

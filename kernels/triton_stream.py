@@ -59,7 +59,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
-                            _ce, _exp, _finish, _from_order_bits, _order_bits, _sort8, _split8, _steered_at)
+                            _at_cols, _ce, _exp, _finish, _from_order_bits, _order_bits, _sort8, _split8,
+                            _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
@@ -95,9 +96,9 @@ def _fetch(base, tabs_ptr, ch, s, c, row_ok, E, S: tl.constexpr, EVEN: tl.conste
     raw = _load(base, cols, row_ok, E, EVEN)
     if SPARSE and SP_TABLE:
         if EVEN:
-            return raw, tl.load(tabs_ptr + _SDROP * E + cols)
+            return raw, _at_cols(tabs_ptr + _SDROP * E, cols[None, :, :], raw.shape)
         else:
-            return raw, tl.load(tabs_ptr + _SDROP * E + cols, mask=cols < E, other=0.0)
+            return raw, _at_cols(tabs_ptr + _SDROP * E, cols[None, :, :], raw.shape, (cols < E)[None, :, :])
     elif SPARSE:
         word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
         return raw, word >> ((ch * 8 * S) % 32 + s * 8)
@@ -127,14 +128,14 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
     elif EVEN:  # no column masks: the table loads stay 16-byte vectors
         z = raw.to(tl.float32)
         if HAS_BIAS:
-            zb = z + tl.load(tabs_ptr + _BIAS * E + cols)[None, :, :]
+            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols[None, :, :], z.shape)
             if HAS_BIAS_ABS:
-                zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols)[None, :, :] * tl.abs(z)
+                zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols[None, :, :], z.shape) * tl.abs(z)
             z = zb
         if drop is not None:
-            zd = z + drop[None, :, :]
+            zd = z + drop
         elif HAS_MASK:  # + 0.0 where kept, which also turns -0.0 into +0.0
-            zd = z + tl.load(tabs_ptr + _DROP * E + cols)[None, :, :]
+            zd = z + _at_cols(tabs_ptr + _DROP * E, cols[None, :, :], z.shape)
         elif CANON:
             zd = z + 0.0
         else:
@@ -143,15 +144,15 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
         col_ok = cols < E
         z = raw.to(tl.float32)
         if HAS_BIAS:
-            zb = z + tl.load(tabs_ptr + _BIAS * E + cols, mask=col_ok, other=0.0)[None, :, :]
+            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols[None, :, :], z.shape, col_ok[None, :, :])
             if HAS_BIAS_ABS:
-                zb = zb + tl.load(tabs_ptr + _BIAS_ABS * E + cols, mask=col_ok, other=0.0)[None, :, :] * tl.abs(z)
+                zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols[None, :, :], z.shape, col_ok[None, :, :]) * tl.abs(z)
             z = zb
         z = tl.where(col_ok[None, :, :], z, -float("inf"))
         if drop is not None:
-            zd = z + drop[None, :, :]
+            zd = z + drop
         elif HAS_MASK:
-            zd = z + tl.load(tabs_ptr + _DROP * E + cols, mask=col_ok, other=0.0)[None, :, :]
+            zd = z + _at_cols(tabs_ptr + _DROP * E, cols[None, :, :], z.shape, col_ok[None, :, :])
         elif CANON:
             zd = z + 0.0
         else:
