@@ -42,7 +42,8 @@ from routelens.kernels.triton_route import (_streams, launch_config, masked_rout
 from routelens.kernels.triton_stream import stream_config  # noqa: E402
 from routelens.steering.spec import RoutingGeometry, SteeringSpec  # noqa: E402
 
-FAMILIES = ("softmax_topk", "deepseek_v3", "deepseek_v2_greedy", "deepseek_v2_grouped", "gpt_oss", "sparsemixer")
+FAMILIES = ("softmax_topk", "softmax_topk_norenorm", "deepseek_v3", "deepseek_v2_greedy", "deepseek_v2_grouped",
+            "gpt_oss", "sparsemixer")
 
 
 def groups_for(E: int, k: int) -> tuple[int, int]:
@@ -54,8 +55,10 @@ def groups_for(E: int, k: int) -> tuple[int, int]:
 
 def make_rule(family: str, E: int, k: int, device) -> object:
     n_group, topk_group = groups_for(E, k)
-    if family == "softmax_topk":
+    if family == "softmax_topk":  # Qwen3-MoE, Mixtral (norm_topk_prob)
         return SoftmaxTopK(k, renormalize=True)
+    if family == "softmax_topk_norenorm":  # OLMoE, Qwen2-MoE: the weights keep the whole row's softmax sum
+        return SoftmaxTopK(k, renormalize=False)
     if family == "deepseek_v3":
         g = torch.Generator().manual_seed(E * 100 + k)
         bias = (torch.randn(E, generator=g) * 0.05).to(device)
@@ -226,10 +229,10 @@ def compare(family, rule, logits, tables, kernel_fn) -> dict:
             "weights_max_abs_err": float(err.max()) if len(err) else None}
 
 
-def correctness(device, T: int, Es=(64, 256), k: int = 8) -> dict:
+def correctness(device, T: int, Es=(64, 256), k: int = 8, families=FAMILIES) -> dict:
     out = {}
     g = torch.Generator(device="cpu").manual_seed(2)
-    for family in FAMILIES:
+    for family in families:
         for E in Es:
             rule = make_rule(family, E, k, device)
             tables = make_tables(family, E, k)
@@ -249,10 +252,10 @@ def correctness(device, T: int, Es=(64, 256), k: int = 8) -> dict:
     return out
 
 
-def grid(device, Ts, Es, ks, hbm_gbps: float) -> list[dict]:
+def grid(device, Ts, Es, ks, hbm_gbps: float, families=FAMILIES) -> list[dict]:
     rows = []
     g = torch.Generator(device="cpu").manual_seed(3)
-    for family in FAMILIES:
+    for family in families:
         for E in Es:
             for k in ks:
                 if k > E:
@@ -341,10 +344,15 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, no timing (CPU interpreter check)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma list (grid and correctness)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
+    families = tuple(f for f in args.families.split(",") if f)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        ap.error(f"unknown families {unknown}; expected some of {', '.join(FAMILIES)}")
     if args.smoke:
         device = torch.device("cpu")
         res = {"correctness": correctness(device, T=24, Es=(16,), k=4)}
@@ -360,8 +368,9 @@ def main():
     print(res, flush=True)
     sections = {"host_overhead_us": lambda: host_overhead(device),
                 "ties": lambda: tie_probe(device),
-                "grid": lambda: grid(device, (1, 64, 4096, 65536), (8, 64, 128, 256), (2, 8), res["hbm"]["GB_per_s"]),
-                "correctness": lambda: correctness(device, T=65536),
+                "grid": lambda: grid(device, (1, 64, 4096, 65536), (8, 64, 128, 256), (2, 8), res["hbm"]["GB_per_s"],
+                                     families),
+                "correctness": lambda: correctness(device, T=65536, families=families),
                 "block_sweep": lambda: block_sweep(device, 65536, 256, res["hbm"]["GB_per_s"])}
     for name, fn in sections.items():
         if name not in skip:

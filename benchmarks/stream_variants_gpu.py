@@ -14,7 +14,12 @@ Usage: python benchmarks/stream_variants_gpu.py OUT.json [--choices VALS,KEEP_SI
   benchmarks/results/stream_variants_gpu.json: the defaults (VALS and KEEP_SIGN; softmax_topk, deepseek_v2_greedy,
       gpt_oss; k 2 and 8; steered and plain)
   benchmarks/results/stream_pipes_gpu.json: --choices SP_TABLE,KEY_FMA --families softmax_topk,deepseek_v2_greedy,
-      gpt_oss,sparsemixer --k 2,4,8 (steered; KEY_FMA also plain)"""
+      gpt_oss,sparsemixer --k 2,4,8 (steered; KEY_FMA also plain; softmax_topk then summed its row)
+  benchmarks/results/stream_renorm_gpu.json: --choices SP_TABLE,KEY_FMA,KEEP_SIGN --families softmax_topk --k 2,4,8
+  benchmarks/results/stream_keep_gpu.json: --choices KEEP_SIGN --families gpt_oss,sparsemixer --k 2,4,8 (measured
+      when KEEP_SIGN was off for them: its "flipped" rows are today's steered k <= 4 defaults)
+  benchmarks/results/stream_sums_gpu.json: --choices "" --families softmax_topk_norenorm,deepseek_v2_greedy --k 2,4,8
+(--modes steered,plain for the last three)"""
 import argparse
 import json
 import sys
@@ -25,7 +30,7 @@ sys.path.insert(0, "benchmarks")
 sys.path.insert(0, ".")
 from steer_kernels_gpu import hbm_bandwidth, make_rule, make_tables, side_by_side  # noqa: E402
 
-from routelens.kernels.triton_route import stream_choices, stream_family  # noqa: E402
+from routelens.kernels.triton_route import stream_choices  # noqa: E402
 from routelens.steering.spec import LayerTables  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -44,10 +49,10 @@ out = {"hbm_GB_per_s": hbm, "T": T, "E": E, "rows": []}
 for family in args.families.split(","):
     for k in (int(x) for x in args.k.split(",")):
         rule = make_rule(family, E, k, dev)
-        default = stream_choices(stream_family(rule), k, lossy=False)  # bf16 logits: exact keys
-        named = [("default", default)] + [(f"{c} flipped", dict(default, **{c: not default[c]}))
-                                          for c in args.choices.split(",")]
         for steered in [m == "steered" for m in args.modes.split(",")]:
+            default = stream_choices(rule, lossy=False, sparse=steered)  # bf16 logits: exact keys; the sparse form
+            named = [("default", default)] + [(f"{c} flipped", dict(default, **{c: not default[c]}))
+                                              for c in args.choices.split(",") if c]
             tables = make_tables(family, E, k) if steered else LayerTables.neutral(E)
             results = side_by_side(family, rule, x0, tables, [dict(impl="stream", _stream_opts=o) for _, o in named],
                                    hbm)

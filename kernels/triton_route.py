@@ -478,7 +478,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         # the sparse form needs exact stream keys: its special columns compare exactly against them
         sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
         lossy = (has_bias and not sparse) or not exact_keys
-        opts = stream_choices(family, k, lossy)
+        opts = stream_choices(rule, lossy, sparse)
         opts.update(_stream_opts or {})
         param = float(rule.scaling) if family == 1 else float(2 * rule.jitter_eps) if family == 3 else 1.0
         _stream_topk_kernel[(triton.cdiv(T, rows),)](
@@ -529,21 +529,28 @@ def stream_family(rule) -> int:
             else 2 if isinstance(rule, GptOssRule) else 3)
 
 
-def stream_choices(family: int, k: int, lossy: bool) -> dict:
-    """The streamed kernel's code-generation choices for ``family`` (``stream_family``), measured side by side on the H100 (``benchmarks/stream_variants_gpu.py``):
+def stream_choices(rule, lossy: bool, sparse: bool) -> dict:
+    """The streamed kernel's code-generation choices for ``rule``, measured side by side on the H100
+    (``benchmarks/stream_variants_gpu.py``):
 
     - ``VALS``: decode the picks' scores from their keys for k <= 4, gather them for k = 8;
     - ``KEEP_SIGN``: keep -0.0 in the keys (an add per logit less, a block with a pick of value 0 selected again)
-      for k > 4 in the families with a softmax sum (``stream_variants_gpu.json``);
+      for k > 4 where the stream sums the row's softmax (``stream_variants_gpu.json``); without a row sum, for
+      k <= 4 in the sparse form (``sparse``), where the other way compiled to ~155 registers against 64 (gpt-oss
+      k = 2/4 steered: 59/50 % of HBM against 63/58 %; unsteered it is 2-6 % slower: ``stream_keep_gpu.json``);
     - ``N``: the list length per thread (sparsemixer: room for the keys near the picks, its weights' sets);
     - ``SP_TABLE``, ``KEY_FMA`` (``stream_pipes_gpu.json``): the streams bound by the integer pipe (the lists'
       min/max) take the sparse form's special columns out through a table row added per logit (the FMA pipe)
-      rather than a bit test and select, and, without a softmax sum (whose exponentials load the FMA pipe and the
-      issue slots), make the keys' sign masks with integer multiplies."""
-    sums = family < 2
+      rather than a bit test and select, and, without a row sum (whose exponentials load the FMA pipe and the
+      issue slots), make the keys' sign masks with integer multiplies.
+
+    The stream sums the row for softmax-top-k without renormalisation and DeepSeek-V2 greedy; renormalised, the
+    sum cancels (the weights are a softmax over the k picks, as gpt-oss's), so that stream is gpt-oss's."""
+    family, k = stream_family(rule), rule.k
+    sums = family == 1 or (family == 0 and not rule.renormalize)
     n = k + lossy if family < 3 else 4 if k + lossy < 4 else 9
-    return dict(VALS=k <= 4, KEEP_SIGN=not lossy and k > 4 and sums, N=n, SP_TABLE=not sums or n >= 4,
-                KEY_FMA=not sums)
+    keep_sign = not lossy and (k > 4 if sums else sparse and k <= 4)
+    return dict(VALS=k <= 4, KEEP_SIGN=keep_sign, N=n, SP_TABLE=not sums or n >= 4, KEY_FMA=not sums)
 
 
 V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)

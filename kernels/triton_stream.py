@@ -14,6 +14,8 @@ row in 8-expert chunks (one 16-byte load of bf16; chunk ``ch`` of thread ``s`` h
   lies more than 60 from its offset (where the sum could over- or underflow) gets its sums again, against the
   row max (``_sum_again``);
 - the row max of the logits (SteerMoE's force value), only when something is forced.
+A renormalised softmax-top-k (``RENORM``) keeps no sum: the row's sum cancels, its weights are a softmax over the
+k picks (as gpt-oss's), and its stream is gpt-oss's.
 Only at the end do the S threads combine: k picks of the best list head (log2(S) shuffles each). The stream's
 offset sums are combined outside any branch: used only in the branch that skips ``_sum_again``, the compiler sank
 the exponentials into it and kept all of a thread's scores live through the stream (99-127 registers against
@@ -464,7 +466,8 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
-    SUM: tl.constexpr = FAMILY < _GPT_OSS  # the softmax families: a sum over the whole row
+    # the softmax families sum over the whole row, except a renormalised softmax-top-k, where that sum cancels
+    SUM: tl.constexpr = FAMILY < _GPT_OSS and not RENORM
     l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
         logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
         HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN, SP_TABLE, KEY_FMA and not LOSSY)
@@ -572,16 +575,13 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
         if HAS_FORCE:  # forced experts left the sum; each adds exp(row max + δ - mx)
             denom = denom + n_forced.to(tl.float32) * _exp(row_max + force_delta - mx, PRECISE)
         w = tl.where(ok, tl.math.div_rn(_exp(zs - mx[:, None], PRECISE), denom[:, None]), 0.0)
-        if FAMILY == _SOFTMAX:
-            if RENORM:
-                w = tl.math.div_rn(w, tl.sum(w, 1)[:, None])
-        else:
+        if FAMILY == _V2_GREEDY:
             w = w * scaling
     elif FAMILY == _SPARSEMIXER:
         w = _sm_weights(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced, sel, zs,
                         ecol, evals, eok, cand_left, last, near_any, l0, l1, l2, l3, l4, l5, l6, l7, l8, ROWS, S, E_PAD,
                         EVEN, K, SLOTS, N, CB, LOSSY, C_PAD, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE)
-    else:
+    else:  # gpt-oss's softmax over the k; a renormalised softmax-top-k is the same function of the picks
         e = _exp(zs - mx[:, None], PRECISE)
         w = tl.math.div_rn(e, tl.sum(e, 1)[:, None])
     _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)

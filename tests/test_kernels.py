@@ -683,25 +683,27 @@ def test_stream_signed_zero_ties_go_to_the_lower_expert(name, k8):
 @interp
 @pytest.mark.parametrize("name", STREAMED)
 @pytest.mark.parametrize("k", [2, 8])
-@pytest.mark.parametrize("flip", ["SP_TABLE", "KEY_FMA"])
+@pytest.mark.parametrize("flip", ["SP_TABLE", "KEY_FMA", "KEEP_SIGN"])
 def test_stream_choices_flipped_agree_with_the_reference(name, k, flip):
     """Each of the stream's pipe choices (``stream_choices``: the special columns through the SDROP row or a bit,
-    the keys' sign masks from multiplies or a shift) flipped from its default, on distinct bf16 logits of both signs,
-    half the rows all negative (ties: ``test_stream_signed_zero_ties_go_to_the_lower_expert`` runs every default): the reference's selection
-    and weights, unsteered and with a sparse spec that forces, disables and biases."""
+    the keys' sign masks from multiplies or a shift, -0.0 kept in the keys or not) flipped from its default, on
+    distinct bf16 logits of both signs, half the rows all negative (ties:
+    ``test_stream_signed_zero_ties_go_to_the_lower_expert`` runs every default): the reference's selection and
+    weights, unsteered and with a sparse spec that forces, disables and biases."""
     import dataclasses
 
     from routelens.kernels.reference import masked_route
-    from routelens.kernels.triton_route import route_kernel, stream_choices, stream_family
+    from routelens.kernels.triton_route import route_kernel, stream_choices
 
     E = 64
     rule = dataclasses.replace(RULES[name](E), k=k)
-    opts = stream_choices(stream_family(rule), k, lossy=False)  # bf16 logits: exact keys
-    opts[flip] = not opts[flip]
     z = _distinct_logits(16, E, torch.bfloat16, seed=21)
     g = torch.Generator().manual_seed(22)  # rows 8-15 all negative, so that negative scores are picked
     z[8:] = (-0.125 * (1 + torch.stack([torch.randperm(E, generator=g) for _ in range(8)]).float())).to(z.dtype)
-    for t in (_tables(E), _tables(E, force=[5], disable=[2, 40, 41], bias={9: 0.25, 33: -0.5})):
+    steered = _tables(E, force=[5], disable=[2, 40, 41], bias={9: 0.25, 33: -0.5})
+    for sparse, t in ((False, _tables(E)), (True, steered)):
+        opts = stream_choices(rule, lossy=False, sparse=sparse)  # bf16 logits: exact keys
+        opts[flip] = not opts[flip]
         _assert_same(name, *route_kernel(z, rule, t, impl="stream", _stream_opts=opts), *masked_route(z, rule, t),
                      rtol=8e-3, atol=1e-6)  # unsteered, the reference is the rule on the bf16 logits
 
