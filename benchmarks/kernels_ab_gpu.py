@@ -9,7 +9,9 @@ an older revision made with ``git show``:
 Usage: python benchmarks/kernels_ab_gpu.py '[["base", "out.khead", {}], ["cur", "kernels", {}]]'
            [--families softmax_topk,..] [--k 2,8] [--modes steered,plain] [--E 256]
   (the third entry of a version: ``_stream_opts`` for ``route_kernel``, e.g. {"SP_TABLE": false})
-  benchmarks/results/table_layout_ab_gpu.jsonl: HEAD (a0d3caf) against the per-thread table loads
+  benchmarks/results/table_layout_ab_gpu.jsonl: a0d3caf against the per-thread table loads (0e7becd), steered,
+      softmax_topk/deepseek_v2_greedy/gpt_oss/sparsemixer k 2,8, then deepseek_v3 k 2,8 plain and steered (taken
+      with this script's first form, which counted fractions of a fixed 3,000 GB/s)
 Prints one JSON line per family, k and mode: each version's µs, fraction of HBM, (sets equal, rows in the
 reference's order, max |Δw|), and its time over the first version's.
 """

@@ -148,7 +148,8 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
         if HAS_BIAS:
             zb = z + _at_cols(tabs_ptr + _BIAS * E, cols[None, :, :], z.shape, col_ok[None, :, :])
             if HAS_BIAS_ABS:
-                zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols[None, :, :], z.shape, col_ok[None, :, :]) * tl.abs(z)
+                b_abs = _at_cols(tabs_ptr + _BIAS_ABS * E, cols[None, :, :], z.shape, col_ok[None, :, :])
+                zb = zb + b_abs * tl.abs(z)
             z = zb
         z = tl.where(col_ok[None, :, :], z, -float("inf"))
         if drop is not None:
