@@ -40,6 +40,7 @@ from routelens.adapters.routing import DeepseekV2Rule, DeepseekV3Rule, GptOssRul
 from routelens.errors import InputError
 from routelens.steering.spec import LayerTables
 
+from .launch import cdiv, launch, next_pow2
 from .reference import masked_route, weights_dtype
 from .triton_grouped import _v3_stream_kernel, v3_stream_config
 from .triton_stream import SPARSE_MAX, _shift, _stream_topk_kernel, stream_config, stream_rows
@@ -371,10 +372,10 @@ def launch_config(num_experts: int, num_tokens: int, block_rows: int | None = No
                   num_warps: int | None = None) -> tuple[int, int, int]:
     """``(E_PAD, BLOCK_T, num_warps)``: about 1k elements of the ``[BLOCK_T, E_PAD]`` tile per program, 16 per
     thread (two 16-byte loads of bf16); E is padded to a power of two, at least one chunk of 8."""
-    e_pad = triton.next_power_of_2(max(num_experts, 8))
+    e_pad = next_pow2(max(num_experts, 8))
     if block_rows is None:
         block_rows = max(1, min(64, 1024 // e_pad))
-    block_rows = max(1, min(block_rows, triton.next_power_of_2(max(num_tokens, 1))))
+    block_rows = max(1, min(block_rows, next_pow2(max(num_tokens, 1))))
     if num_warps is None:
         num_warps = max(1, min(4, block_rows * e_pad // 512))
     return e_pad, block_rows, num_warps
@@ -382,7 +383,7 @@ def launch_config(num_experts: int, num_tokens: int, block_rows: int | None = No
 
 def _groups_fill(E: int, e_pad: int, n_group: int) -> bool:
     """Groups are equal power-of-two runs that fill the padded row (DeepSeek-V3: 256 = 8 x 32): one-pass scoring."""
-    return E == e_pad and n_group == triton.next_power_of_2(n_group) and e_pad % n_group == 0
+    return E == e_pad and n_group == next_pow2(n_group) and e_pad % n_group == 0
 
 
 def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, tuple[bool, ...]]:
@@ -452,20 +453,22 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     if isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and (
             impl == "stream" or (impl == "auto" and T >= V3_STREAM_MIN_TOKENS)):
         s, cpg, rows = v3_stream_config(E, int(rule.n_group), int(rule.topk_group), k)
-        g_pad = triton.next_power_of_2(int(rule.n_group))
-        n_blocks = triton.cdiv(T, rows)
-        redo = torch.empty(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
-        redo[:1].zero_()
-        _v3_stream_kernel[(n_blocks,)](
-            logits, logits.stride(0), tab, corr, weights, indices, T, E, float(rule.scaling), redo[1:], redo, K=k,
-            SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=E, S=s, ROWS=rows,
+        g_pad = next_pow2(int(rule.n_group))
+        n_blocks = cdiv(T, rows)
+        redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
+        listed = redo[1:]  # the flagged blocks
+        launch(
+            _v3_stream_kernel, (n_blocks,),
+            logits, logits.stride(0), tab, corr, weights, indices, T, E, float(rule.scaling), listed, redo, K=k,
+            SLOTS=next_pow2(k), SLOTS1=next_pow2(k + 1), E_PAD=E, S=s, ROWS=rows,
             CB=E.bit_length() - 1, CPG=cpg, N_GROUP=int(rule.n_group), TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad,
             GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
             HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, RENORM=bool(rule.renormalize),
             PRECISE=precise, num_warps=1, enable_fp_fusion=False, **{"UNROLL": True, **(_stream_opts or {})})
         e_pad, _, warps = launch_config(E, T, rows)
-        _deepseek_v3_redo_kernel[(min(n_blocks, _redo_programs(logits.device)),)](
-            logits, logits.stride(0), tab, corr, weights, indices, T, E, fd, float(rule.scaling), redo[1:], redo,
+        launch(
+            _deepseek_v3_redo_kernel, (min(n_blocks, _redo_programs(logits.device)),),
+            logits, logits.stride(0), tab, corr, weights, indices, T, E, fd, float(rule.scaling), listed, redo,
             RENORM=bool(rule.renormalize), **_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
             **_rows_kwargs(k, e_pad, rows, warps, _device[1], force_delta, precise))
         return weights, indices
@@ -481,13 +484,14 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         opts = stream_choices(rule, lossy, sparse)
         opts.update(_stream_opts or {})
         param = float(rule.scaling) if family == 1 else float(2 * rule.jitter_eps) if family == 3 else 1.0
-        _stream_topk_kernel[(triton.cdiv(T, rows),)](
+        launch(
+            _stream_topk_kernel, (cdiv(T, rows),),
             logits, logits.stride(0), tab, weights, indices, T, E, fd, param, n_forced, n_cand, n_drop,
             FAMILY=family, K=k,
-            SLOTS=triton.next_power_of_2(k), SLOTS1=triton.next_power_of_2(k + 1), E_PAD=e_pad, EVEN=e_pad == E, S=s,
+            SLOTS=next_pow2(k), SLOTS1=next_pow2(k + 1), E_PAD=e_pad, EVEN=e_pad == E, S=s,
             ROWS=rows, CB=e_pad.bit_length() - 1, LOSSY=lossy,
-            SPARSE=sparse, C_PAD=triton.next_power_of_2(n_cand) if sparse and n_cand else 0,
-            D_PAD=triton.next_power_of_2(n_drop) if sparse and n_drop else 0, D_BIAS=drop_biased,
+            SPARSE=sparse, C_PAD=next_pow2(n_cand) if sparse and n_cand else 0,
+            D_PAD=next_pow2(n_drop) if sparse and n_drop else 0, D_BIAS=drop_biased,
             HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
             HAS_FORCE=has_mask and has_force and force_delta > 0, HAS_BOOST=has_boost,
             RENORM_BOOST=has_boost and renorm_boost, RENORM=family == 0 and bool(rule.renormalize),
@@ -499,26 +503,26 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                else f"{type(rule).__name__} with k={k}, E={E}")
         raise InputError(f"no streamed kernel for {why}; use impl='rows' or 'auto'")
     e_pad, block_t, warps = launch_config(E, T, block_rows, num_warps)
-    grid = (triton.cdiv(T, block_t),)
+    grid = (cdiv(T, block_t),)
     common = _rows_kwargs(k, e_pad, block_t, warps, _device[1], force_delta, precise)
     if isinstance(rule, SoftmaxTopK):
-        _softmax_topk_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
-                                   RENORM=bool(rule.renormalize), **common)
+        launch(_softmax_topk_kernel, grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
+               RENORM=bool(rule.renormalize), **common)
     elif isinstance(rule, DeepseekV3Rule):
-        _deepseek_v3_kernel[grid](logits, logits.stride(0), tab, corr, weights, indices, T, E, fd,
-                                  float(rule.scaling), RENORM=bool(rule.renormalize),
-                                  **_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)), **common)
+        launch(_deepseek_v3_kernel, grid, logits, logits.stride(0), tab, corr, weights, indices, T, E, fd,
+               float(rule.scaling), RENORM=bool(rule.renormalize),
+               **_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)), **common)
     elif isinstance(rule, DeepseekV2Rule):
         grouped = rule.method == "group_limited_greedy"
-        _deepseek_v2_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd, float(rule.scaling),
-                                  GROUPED=grouped, **_group_kwargs(E, e_pad, int(rule.n_group) if grouped else 1,
-                                                                   int(rule.topk_group) if grouped else 1),
-                                  **common)
+        launch(_deepseek_v2_kernel, grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
+               float(rule.scaling), GROUPED=grouped,
+               **_group_kwargs(E, e_pad, int(rule.n_group) if grouped else 1, int(rule.topk_group) if grouped else 1),
+               **common)
     elif isinstance(rule, GptOssRule):
-        _gpt_oss_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd, **common)
+        launch(_gpt_oss_kernel, grid, logits, logits.stride(0), tab, weights, indices, T, E, fd, **common)
     else:
-        _sparsemixer_kernel[grid](logits, logits.stride(0), tab, weights, indices, T, E, fd,
-                                  float(2 * rule.jitter_eps), **common)
+        launch(_sparsemixer_kernel, grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
+               float(2 * rule.jitter_eps), **common)
     return weights, indices
 
 
@@ -561,7 +565,7 @@ def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, for
     """The launch keywords every rows kernel takes (``flags``: ``_device_tables``'). Slots: the k picks laid out
     like the chunk heads (one per thread) when there are at least k chunks."""
     has_bias, has_mask, has_boost, renorm_boost, n_forced = flags[:5]
-    return dict(K=k, SLOTS=max(e_pad // 8, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=block_t,
+    return dict(K=k, SLOTS=max(e_pad // 8, next_pow2(k)), E_PAD=e_pad, BLOCK_T=block_t,
                 CB=e_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_MASK=has_mask,
                 HAS_FORCE=n_forced > 0 and force_delta > 0, HAS_BOOST=has_boost,
                 RENORM_BOOST=has_boost and renorm_boost, PRECISE=precise, num_warps=warps, enable_fp_fusion=False)
@@ -570,7 +574,7 @@ def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, for
 def _group_kwargs(E: int, e_pad: int, n_group: int, topk_group: int) -> dict:
     """The group-limited kernels' keywords (DeepSeek-V3, V2 grouped; one group of E for V2 greedy)."""
     return dict(PER_GROUP=E // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                G_PAD=triton.next_power_of_2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group))
+                G_PAD=next_pow2(n_group), RESHAPE=_groups_fill(E, e_pad, n_group))
 
 
 def _redo_programs(device) -> int:

@@ -60,6 +60,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from .launch import next_pow2
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
                             _at_cols, _ce, _exp, _finish, _from_order_bits, _order_bits, _sort8, _split8,
                             _steered_at)
@@ -704,7 +705,7 @@ def stream_config(num_experts: int, num_tokens: int, threads_per_row: int | None
                   num_warps: int | None = None) -> tuple[int, int, int, int]:
     """``(E_PAD, S, ROWS, num_warps)``: S threads per row (4 once the row has 32 experts: 64 contiguous bytes of
     bf16 per row and load), ``32 / S`` rows per warp, one warp."""
-    e_pad = triton.next_power_of_2(max(num_experts, 8))
+    e_pad = next_pow2(max(num_experts, 8))
     s = threads_per_row or min(4, e_pad // 8)
     s = max(1, min(s, e_pad // 8))
     if num_warps is None:
