@@ -284,10 +284,26 @@ def grid(device, Ts, Es, ks, hbm_gbps: float, families=FAMILIES) -> list[dict]:
     return rows
 
 
-def host_overhead(device, E: int = 64, k: int = 8, T: int = 1, n: int = 2000) -> dict:
-    """CPU microseconds per call (no synchronisation; the GPU queue absorbs the launches) of each layer of the call."""
+def per_call_us(fn, n: int, sync: bool, warm: int = 50) -> float:
+    """Microseconds per call of ``n`` back-to-back calls after ``warm``; ``sync``: wait for the GPU before stopping
+    the clock (wall time), else the CPU time of issuing them (the GPU queue absorbs the launches)."""
     import time
 
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    us = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def host_overhead(device, E: int = 64, k: int = 8, T: int = 1, n: int = 2000) -> dict:
+    """CPU microseconds per call (no synchronisation; the GPU queue absorbs the launches) of each layer of the call."""
     from routelens.kernels.triton_route import _device_tables
 
     rule, tables = make_rule("softmax_topk", E, k, device), make_tables("softmax_topk", E, k)
@@ -300,16 +316,7 @@ def host_overhead(device, E: int = 64, k: int = 8, T: int = 1, n: int = 2000) ->
                                         torch.empty((T, k), dtype=torch.int64, device=device)),
              "rule(logits) (unsteered router's own top-k)": lambda: rule(x),
              "masked_route (eager reference)": lambda: masked_route(x, rule, tables)}
-    out = {}
-    for name, fn in parts.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out[name] = round((time.perf_counter() - t) / n * 1e6, 2)
-        torch.cuda.synchronize()
+    out = {name: round(per_call_us(fn, n, sync=False), 2) for name, fn in parts.items()}
     print("host overhead us", out, flush=True)
     return out
 
