@@ -80,6 +80,28 @@ def server(tmp_path_factory):
     log.close()
 
 
+def _settle(page, n_figures: int) -> None:
+    """Wait for ``n_figures`` plotly figures and the end of the script run, then for plotly's last relayout."""
+    if n_figures:
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_figures}",
+                               timeout=60_000)
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+    time.sleep(0.5)
+
+
+def _steady_box(locator, timeout: float = 30.0) -> dict:
+    """The element's bounding box once two reads 0.3 s apart agree (a box read mid-resize points at the wrong cell)."""
+    deadline = time.monotonic() + timeout
+    box = locator.bounding_box()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = locator.bounding_box()
+        if again == box and box is not None:
+            return box
+        box = again
+    raise AssertionError(f"the figure kept moving for {timeout:.0f} s: last box {box}")
+
+
 def test_every_page_in_chromium(server):
     from playwright.sync_api import sync_playwright
 
@@ -94,11 +116,7 @@ def test_every_page_in_chromium(server):
             page.goto(url + path + "?run=1")
             page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
             page.get_by_text(marker).first.wait_for(timeout=60_000)
-            if n_figures:
-                page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_figures}",
-                                       timeout=60_000)
-            page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
-            time.sleep(0.5)  # plotly's last relayout
+            _settle(page, n_figures)
             assert page.locator("[data-testid='stException']").count() == 0, f"exception on the {title} page"
             page.screenshot(path=str(SHOTS / f"{path or 'runs'}.png"), full_page=True)
         # hover a token on the Tokens page: its title carries the top-k experts and weights
@@ -108,15 +126,17 @@ def test_every_page_in_chromium(server):
         assert "e" in tok.get_attribute("title")
         # click a heatmap cell on Overview (expert detail follows), put it in the basket, steer the embedded model
         page.goto(url + "overview?run=1")
-        page.locator(".js-plotly-plot .nsewdrag").first.wait_for(timeout=60_000)
-        box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+        _settle(page, 3)
+        heat = page.locator(".js-plotly-plot .nsewdrag").first
         add = page.get_by_text("Add layer 3 expert 7 to the steering basket")
         for attempt in range(3):  # a click landing while plotly still lays out is lost: click again
+            box = _steady_box(heat)  # plotly resizes to its column after the first draw: aim at the final cell
             page.mouse.click(box["x"] + box["width"] * 0.95, box["y"] + box["height"] * 0.9)  # last expert, layer
             try:
                 add.wait_for(timeout=20_000)
                 break
             except Exception:
+                page.screenshot(path=str(SHOTS / f"overview_click_{attempt}.png"), full_page=True)
                 if attempt == 2:
                     raise
         page.get_by_text("Add layer 3 expert 7 to the steering basket").click()
