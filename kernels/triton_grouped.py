@@ -1,5 +1,6 @@
-"""Streamed group-limited routing for DeepSeek-V3 (sigmoid scores, correction bias, groups scored by their top two):
-the same function as ``triton_route._deepseek_v3_kernel`` (``reference.masked_route``), laid out like
+"""Streamed group-limited routing for DeepSeek-V3 (sigmoid scores, correction bias, groups scored by their top two)
+and DeepSeek-V2's ``group_limited_greedy`` (softmax scores, groups scored by their best): the same functions as
+``triton_route._deepseek_v3_kernel`` and ``_deepseek_v2_kernel`` (``reference.masked_route``), laid out like
 ``triton_stream``: a row belongs to ``S`` threads, each streaming 8-expert chunks of it.
 
 Why: the rows kernel computes PyTorch's exact sigmoid (IEEE ``expf`` and a correctly rounded division, about 17
@@ -22,6 +23,15 @@ bandwidth at T = 65,536, E = 256, k = 8. Here:
    ``torch.topk`` on CUDA), in a second launch over the blocks this one flagged.
 
 The weights are always the exact sigmoid of the picked logits, renormalised (+1e-20) and scaled as the rule does.
+
+DeepSeek-V2 (``_v2_stream_kernel``) selects on the steered logits themselves (the softmax is monotone; the rows
+kernel does the same), so the certificate needs no slack, and with 16-bit logits the keys are exact (equal scores
+are true ties, ordered by index as the rule's) except at the few biased experts, whose float32 scores lose their
+low bits: a boundary whose two sides share a key bucket is certain unless a biased expert's score falls in it (bf16
+logits tie often: without this, every second block of T = 256 random rows went to the exact path). Pass 1 also sums the row's softmax, each thread against its running max (one extra ``ex2`` per
+chunk instead of a fallback when the logits spread), and keeps the row max before masking (SteerMoE's force value,
+only when something is forced); a group holding a forced expert scores +inf. Its uncertain blocks go to
+``triton_route``'s V2 rows kernel. Weights: ``exp(z' - max) / Σ · scaling``, the numerators IEEE as there.
 """
 from __future__ import annotations
 
@@ -29,8 +39,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_common import (_BIAS, _BIAS_ABS, _MASK, _LOG2E, _TAKEN, _at_cols, _exp, _finish, _from_order_bits,
-                            _split8, _steered_at)
+from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp, _finish,
+                            _from_order_bits, _split8, _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -58,16 +68,34 @@ def _slack(x):
 
 
 @triton.jit
-def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr,
-            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
-    """The choice scores of a chunk of logits at ``cols``: ``sigmoid(z') + corr``, +inf at forced and -inf at
-    disabled experts (the steered rule's choice bias, added after the correction bias)."""
+def _biased(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr):
+    """A chunk of logits at ``cols`` as float32 with the spec's biases: ``z + b + b_abs·|z|``."""
     z = raw.to(tl.float32)
     if HAS_BIAS:
         zb = z + _at_cols(tabs_ptr + _BIAS * E, cols, raw.shape)
         if HAS_BIAS_ABS:
             zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols, raw.shape) * tl.abs(z)
         z = zb
+    return z
+
+
+@triton.jit
+def _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+               HAS_MASK: tl.constexpr):
+    """DeepSeek-V2's choice order at a chunk: the biased logits, +inf at forced and -inf at disabled experts."""
+    z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
+    if HAS_MASK:
+        m = _at_cols(tabs_ptr + _MASK * E, cols, raw.shape)
+        z = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), z))
+    return z
+
+
+@triton.jit
+def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr,
+            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+    """The choice scores of a chunk of logits at ``cols``: ``sigmoid(z') + corr``, +inf at forced and -inf at
+    disabled experts (the steered rule's choice bias, added after the correction bias)."""
+    z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
     c = _fast_sigmoid(z, PRECISE) + _at_cols(corr_ptr, cols, raw.shape).to(tl.float32)
     if HAS_MASK:
         m = _at_cols(tabs_ptr + _MASK * E, cols, raw.shape)
@@ -130,9 +158,10 @@ def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S:
 def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c,
                S: tl.constexpr, CPG: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, GB: tl.constexpr,
                N_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr, V2: tl.constexpr = False):
     """The best remaining group (the one with the largest key; all of the row when there is one group) into each
-    thread's list of the N best keys; returns the lists, the group keys without it, and its key."""
+    thread's list of the N best keys; returns the lists, the group keys without it, and its key. ``V2``: the
+    choice scores are DeepSeek-V2's steered logits, else V3's sigmoid + correction."""
     if N_GROUP > 1:
         gm = tl.max(gkey, 1)
         gkey = tl.where(gkey == gm[:, None], _TAKEN, gkey)
@@ -143,7 +172,10 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
     for ci in tl.static_range(CPG):
         cols = ((g * CPG + ci) * 8 * S)[:, None, None] + (s[:, None] * 8 + c[None, :])[None, :, :]
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
-        x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+        if V2:
+            x = _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
+        else:
+            x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
         l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, cols, CB), N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
@@ -234,8 +266,153 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
         _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
 
 
-def v3_stream_config(num_experts: int, n_group: int, topk_group: int, k: int) -> tuple[int, int, int] | None:
-    """``(S, CPG, ROWS)`` for the streamed DeepSeek-V3 kernel, or None where it does not apply: E a power of two,
+@triton.jit
+def _exp_off(z, off, PRECISE: tl.constexpr):
+    """``exp(z - off)`` for the softmax sums (no selection depends on them): on the GPU one fma against
+    ``off·log2 e`` (one product per thread and row) and ``ex2.approx``."""
+    if PRECISE:
+        return tl.math.exp2(tl.fma(z, _LOG2E, -(off * _LOG2E)))
+    else:
+        return tl.exp(z - off)
+
+
+@triton.jit
+def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, s, c, gid, S: tl.constexpr,
+                   CPG: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+                   HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
+    """DeepSeek-V2's pass 1 over group ``g``: its key (its best enabled steered logit, +inf where it holds a forced
+    expert: ``forced``) into ``gkey``; each thread's softmax sum ``sm`` of the enabled experts against its offset
+    ``off``, and their max ``hi``; ``raw_max``, the biased logits' max before masking (the force value's base, with
+    ``HAS_FORCE``)."""
+    best = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
+    for ci in tl.static_range(CPG):
+        cols = ((g * CPG + ci) * 8 * S + s[:, None] * 8 + c[None, :])[None, :, :]
+        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
+        if HAS_FORCE:
+            raw_max = tl.maximum(raw_max, tl.max(z, 2))
+        if HAS_MASK:  # disabled and forced experts leave the sum (forced ones come back as exp(0) each)
+            z = z + _at_cols(tabs_ptr + _DROP * E, cols, raw.shape)
+        top = tl.max(z, 2)
+        best = tl.maximum(best, top)
+        # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
+        # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
+        new = tl.where(top > off + 16.0, top, off)
+        sm = sm * _exp_off(off, new, PRECISE) + tl.sum(_exp_off(z, new[:, :, None], PRECISE), 2)
+        off = new
+    hi = tl.maximum(hi, best)
+    score = tl.max(best, 1)
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties +0.0, as in the rule; its key would order them
+    if HAS_FORCE:
+        score = tl.where(forced, float("inf"), score)
+    return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), off, sm, hi, raw_max
+
+
+@triton.jit
+def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced, n_cand,
+               EXACT: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
+               CB: tl.constexpr, CPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+               G_PAD: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+               HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
+    """DeepSeek-V2 group-limited greedy (module docstring): the ``[ROWS, SLOTS]`` picks, their weights, and per
+    row whether the selection is certain. ``EXACT``: 16-bit logits, whose keys lose nothing outside the ``n_cand``
+    enabled biased experts (listed in the table's ``CCOL`` row)."""
+    s = tl.arange(0, S)
+    c = tl.arange(0, 8)
+    base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
+    N: tl.constexpr = K + 1
+    PER_GROUP: tl.constexpr = CPG * 8 * S
+    gid = tl.arange(0, G_PAD)
+    slot = tl.arange(0, SLOTS)
+    fgroup = tl.full([SLOTS], -1, tl.int32)
+    if HAS_FORCE:  # the forced experts' groups, from the table's list of forced columns
+        fcol = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _FCOL * E + slot, mask=slot < n_forced, other=0)
+        fgroup = tl.where(slot < n_forced, fcol // PER_GROUP, -1)
+    gkey = tl.full([ROWS, G_PAD], _TAKEN, tl.int32)
+    off = tl.full([ROWS, S], -1e30, tl.float32)  # finite: off·log2 e and off - off stay finite before any term
+    sm = tl.zeros([ROWS, S], tl.float32)
+    hi = tl.full([ROWS, S], -float("inf"), tl.float32)
+    raw_max = hi
+    for g in tl.static_range(N_GROUP):  # pass 1
+        forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
+        gkey, off, sm, hi, raw_max = _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced,
+                                                    s, c, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK,
+                                                    HAS_FORCE, PRECISE)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
+    gm = tl.zeros([ROWS], tl.int32)
+    for j in tl.static_range(TOPK_GROUP):  # pass 2: the kept groups, best first
+        l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, s, c, S, CPG, N, CB,
+            GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE, True)
+    picked = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, None, 0, ROWS, K, SLOTS, N, CB, True, SLOTS1)
+    sel, last = picked[0], picked[17]
+    ok = row_ok[:, None] & (slot[None, :] < K)
+    # the certificate's exact ties: with 16-bit logits (EXACT) only the biased experts' keys can have lost bits; a
+    # tie of buckets at a boundary is exact unless one of them falls in that bucket
+    clash_p = tl.zeros([ROWS], tl.int1)
+    clash_g = clash_p
+    if EXACT and HAS_BIAS:
+        itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
+        for j in tl.range(0, n_cand):
+            col = tl.load(itabs + _CCOL * E + j)
+            zc = tl.load(logits_ptr + rows.to(tl.int64) * stride_t + col, mask=row_ok, other=0.0).to(tl.float32)
+            zc = (zc + tl.load(tabs_ptr + _BIAS * E + col)) + tl.load(tabs_ptr + _BIAS_ABS * E + col) * tl.abs(zc)
+            clash_p = clash_p | ((_key32(zc, 0, CB) >> CB) == (last >> CB))
+            clash_g = clash_g | ((_key32(zc, 0, GB) >> GB) == (gm >> GB))
+    sure = row_ok
+    if N_GROUP > TOPK_GROUP:  # the kept groups' scores above the dropped ones' (their keys' buckets apart)
+        apart = _key_upper(gm & ~((1 << GB) - 1), 0) > _key_upper(tl.max(gkey, 1), GB)
+        if EXACT:
+            apart = apart | ~clash_g
+        sure = sure & apart
+    # the softmax: each thread's sum brought to the row max of the enabled experts, then to the force value
+    m_row = tl.max(hi, 1)
+    total = tl.sum(sm * _exp_off(off, m_row[:, None], PRECISE), 1)
+    top = m_row
+    if HAS_FORCE:
+        raw_row = tl.max(raw_max, 1)
+        top = raw_row + force_delta
+        total = n_forced + total * _exp_off(m_row, top, PRECISE)
+    else:
+        raw_row = m_row  # nothing is forced: unused
+    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, raw_row, force_delta, HAS_BIAS, HAS_MASK,
+                     True)
+    cs = zs  # the picks' exact choice scores
+    if HAS_MASK:
+        cs = tl.where(tl.load(tabs_ptr + _MASK * E + sel, mask=ok, other=0.0) > 0, float("inf"), zs)
+    low = tl.min(tl.where(ok, cs, float("inf")), 1)
+    up = tl.where(last > _TAKEN, _key_upper(last, CB), -float("inf"))  # what was left out: its key's bucket, top
+    apart = low > up
+    if EXACT:  # -0.0 left out (up == 0) could tie a +0.0 pick of a higher column
+        apart = apart | ((low > -float("inf")) & (up != 0.0) & ~clash_p)
+    sure = sure & apart
+    w = tl.where(ok, tl.math.div_rn(_exp(zs - top[:, None], PRECISE), total[:, None]) * scaling, 0.0)
+    return sel, w, sure
+
+
+@triton.jit(do_not_specialize=["n_forced", "n_cand"])
+def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling, n_forced, n_cand,
+                      redo_ptr, n_redo_ptr, EXACT: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
+                      S: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
+                      N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
+                      PRECISE: tl.constexpr):
+    """``DeepseekV2Rule`` with ``group_limited_greedy`` (module docstring), the layout of ``_v3_stream_kernel``;
+    an uncertain block goes to ``redo_ptr`` for ``triton_route``'s V2 rows kernel, launched next."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < T
+    sel, w, sure = _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced,
+                              n_cand, EXACT, ROWS, S, K, SLOTS, SLOTS1, CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, HAS_BIAS,
+                              HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE)
+    if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
+        tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
+    else:
+        _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+
+
+def grouped_stream_config(num_experts: int, n_group: int, topk_group: int, k: int) -> tuple[int, int, int] | None:
+    """``(S, CPG, ROWS)`` for the streamed group-limited kernels (DeepSeek-V3, V2), or None where it does not apply: E a power of two,
     groups of a power-of-two number of experts, at least 8 (S = min(4, group / 8) threads a row, each group
     ``CPG`` chunks of 8·S), k <= 8, at most 64 groups, and at least k experts in the kept groups."""
     if k > 8 or num_experts < 8 or num_experts & (num_experts - 1) or not 1 <= n_group <= 64:

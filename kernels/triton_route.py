@@ -42,7 +42,7 @@ from routelens.steering.spec import LayerTables
 
 from .launch import cdiv, launch, next_pow2
 from .reference import masked_route, weights_dtype
-from .triton_grouped import _v3_stream_kernel, v3_stream_config
+from .triton_grouped import _v2_stream_kernel, _v3_stream_kernel, grouped_stream_config
 from .triton_stream import SPARSE_MAX, _shift, _stream_topk_kernel, stream_config, stream_rows
 from .triton_common import (_TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
                             _steered_logits, _sum_exp, _tile)
@@ -288,6 +288,36 @@ def _deepseek_v2_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
     """``DeepseekV2Rule``: p = softmax(z'); greedy or group-limited (group score = max p) top-k; w = p·scaling."""
     rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
+    _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, row_ok, cols,
+                      col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_FORCE, HAS_BOOST, RENORM_BOOST,
+                      PRECISE, GROUPED, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
+
+
+@triton.jit
+def _deepseek_v2_redo_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling, redo_ptr,
+                             n_redo_ptr, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr,
+                             BLOCK_T: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr,
+                             RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr, PER_GROUP: tl.constexpr,
+                             N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                             RESHAPE: tl.constexpr):
+    """``_deepseek_v2_kernel`` (group-limited) over the blocks the streamed V2 kernel flagged (as V3's redo)."""
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    for i in tl.range(tl.program_id(0), tl.load(n_redo_ptr), tl.num_programs(0)):
+        rows = tl.load(redo_ptr + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, rows < T,
+                          cols, col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_FORCE, HAS_BOOST,
+                          RENORM_BOOST, PRECISE, True, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
+
+
+@triton.jit
+def _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, row_ok, cols,
+                      col_ok, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                      CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                      HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr,
+                      GROUPED: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
+                      TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
     z, mask, row_max = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
                                        HAS_BIAS, HAS_MASK, True)
     if HAS_FORCE:
@@ -417,8 +447,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     """Run the family's kernel (also for neutral tables: then it is the rule itself). ``(weights, indices)``.
 
     ``impl``: "stream" (``triton_stream``: softmax-top-k, DeepSeek-V2 greedy, gpt-oss and sparsemixer, k <= 8;
-    ``triton_grouped``: DeepSeek-V3 with power-of-two groups of at least 8 experts), "rows" (this module's kernels,
-    every family), "auto": stream where it applies (DeepSeek-V3 from ``V3_STREAM_MIN_TOKENS`` tokens)."""
+    ``triton_grouped``: DeepSeek-V3 and V2's group-limited greedy with power-of-two groups of at least 8 experts),
+    "rows" (this module's kernels, every family), "auto": stream where it applies (DeepSeek-V3 from
+    ``V3_STREAM_MIN_TOKENS`` tokens, V2 grouped from ``V2_STREAM_MIN_LOGITS`` logits and ``V2_STREAM_MIN_EXPERTS``)."""
     if impl not in ("auto", "rows", "stream"):
         raise InputError(f"unknown kernel impl {impl!r}; expected 'auto', 'rows' or 'stream'")
     if not isinstance(rule, _FAMILIES):
@@ -442,38 +473,50 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         return weights, indices
     fd = float(force_delta)
     precise = _PRECISE if precise is None else (precise and not _INTERPRET)
-    if isinstance(rule, DeepseekV3Rule):
+    v3 = isinstance(rule, DeepseekV3Rule)
+    if v3:
         corr = rule.correction_bias
         if corr.device != logits.device:
             corr = corr.to(logits.device)
         corr = corr.contiguous()
-    # DeepSeek-V3: the streamed kernel flags its uncertain blocks, the rows kernel redoes them in a second launch,
+    # DeepSeek-V3 and V2 grouped: the streamed kernel flags its uncertain blocks, the rows kernel redoes them in a
+    # second launch,
     # whose one-block latency (~10 us on the H100) makes the pair slower at small T (H100, E = 256: 2x slower at
     # 4,096 tokens, mixed at 32,768, 1.3-1.6x faster at 65,536; benchmarks/results/v3_stream_gpu.json)
-    if isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and (
-            impl == "stream" or (impl == "auto" and T >= V3_STREAM_MIN_TOKENS)):
-        s, cpg, rows = v3_stream_config(E, int(rule.n_group), int(rule.topk_group), k)
+    # V2 grouped: from 2^22 logits and E >= 128, where it won every case measured (v2_grouped_stream_gpu.json)
+    big = T >= V3_STREAM_MIN_TOKENS if v3 else (T * E >= V2_STREAM_MIN_LOGITS and E >= V2_STREAM_MIN_EXPERTS)
+    if _grouped(rule) and _streams(rule, E) and not (has_force and force_delta <= 0 and not v3) and (
+            impl == "stream" or (impl == "auto" and big)):
+        s, cpg, rows = grouped_stream_config(E, int(rule.n_group), int(rule.topk_group), k)
         g_pad = next_pow2(int(rule.n_group))
         n_blocks = cdiv(T, rows)
         redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
         listed = redo[1:]  # the flagged blocks
-        launch(
-            _v3_stream_kernel, (n_blocks,),
-            logits, logits.stride(0), tab, corr, weights, indices, T, E, float(rule.scaling), listed, redo, K=k,
-            SLOTS=next_pow2(k), SLOTS1=next_pow2(k + 1), E_PAD=E, S=s, ROWS=rows,
-            CB=E.bit_length() - 1, CPG=cpg, N_GROUP=int(rule.n_group), TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad,
-            GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
-            HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, RENORM=bool(rule.renormalize),
-            PRECISE=precise, num_warps=1, enable_fp_fusion=False, **{"UNROLL": True, **(_stream_opts or {})})
+        shape = dict(K=k, SLOTS=next_pow2(k), SLOTS1=next_pow2(k + 1), S=s, ROWS=rows, CB=E.bit_length() - 1,
+                     CPG=cpg, N_GROUP=int(rule.n_group), TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad,
+                     GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
+                     HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, PRECISE=precise, num_warps=1,
+                     enable_fp_fusion=False)
         e_pad, _, warps = launch_config(E, T, rows)
-        launch(
-            _deepseek_v3_redo_kernel, (min(n_blocks, _redo_programs(logits.device)),),
-            logits, logits.stride(0), tab, corr, weights, indices, T, E, fd, float(rule.scaling), listed, redo,
-            RENORM=bool(rule.renormalize), **_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
-            **_rows_kwargs(k, e_pad, rows, warps, _device[1], force_delta, precise))
+        redo_grid = (min(n_blocks, _redo_programs(logits.device)),)
+        redo_kwargs = dict(**_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
+                           **_rows_kwargs(k, e_pad, rows, warps, _device[1], force_delta, precise))
+        if v3:
+            launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
+                   float(rule.scaling), listed, redo, E_PAD=E, RENORM=bool(rule.renormalize), **shape,
+                   **{"UNROLL": True, **(_stream_opts or {})})
+            launch(_deepseek_v3_redo_kernel, redo_grid, logits, logits.stride(0), tab, corr, weights, indices, T, E,
+                   fd, float(rule.scaling), listed, redo, RENORM=bool(rule.renormalize), **redo_kwargs)
+        else:
+            exact = logits.dtype in (torch.bfloat16, torch.float16) and n_cand <= SPARSE_MAX
+            launch(_v2_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, weights, indices, T, E, fd,
+                   float(rule.scaling), n_forced, n_cand, listed, redo, EXACT=exact,
+                   HAS_FORCE=has_mask and has_force, **shape, **(_stream_opts or {}))
+            launch(_deepseek_v2_redo_kernel, redo_grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
+                   float(rule.scaling), listed, redo, **redo_kwargs)
         return weights, indices
     # force with δ <= 0 sets the forced logits to the row max (+ δ), which a single pass does not know yet
-    if impl != "rows" and not isinstance(rule, DeepseekV3Rule) and _streams(rule, E) and not (
+    if impl != "rows" and not _grouped(rule) and _streams(rule, E) and not (
             has_force and force_delta <= 0):
         e_pad, s, rows, warps = stream_config(E, T, threads_per_row, num_warps)
         family = stream_family(rule)
@@ -558,6 +601,7 @@ def stream_choices(rule, lossy: bool, sparse: bool) -> dict:
 
 
 V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)
+V2_STREAM_MIN_LOGITS, V2_STREAM_MIN_EXPERTS = 1 << 22, 128  # and DeepSeek-V2's group-limited greedy
 
 
 def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, force_delta: float,
@@ -584,16 +628,22 @@ def _redo_programs(device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _grouped(rule) -> bool:
+    """Group-limited routing: DeepSeek-V3, or V2 with ``group_limited_greedy`` (``triton_grouped``'s families)."""
+    return isinstance(rule, DeepseekV3Rule) or (isinstance(rule, DeepseekV2Rule)
+                                                and rule.method == "group_limited_greedy")
+
+
 def _streams(rule, num_experts: int) -> bool:
     """A streamed kernel applies: ``triton_stream`` for the logit-domain families without groups, k <= 8 (a list
     of 8 per thread; sparsemixer while 2ε < 0.45, where its bound on the experts near a pick holds);
-    ``triton_grouped`` for DeepSeek-V3 where ``v3_stream_config`` fits."""
-    if isinstance(rule, DeepseekV3Rule):
-        return v3_stream_config(num_experts, int(rule.n_group), int(rule.topk_group), rule.k) is not None
+    ``triton_grouped`` for DeepSeek-V3 and V2's group-limited greedy where ``grouped_stream_config`` fits."""
+    if _grouped(rule):
+        return grouped_stream_config(num_experts, int(rule.n_group), int(rule.topk_group), rule.k) is not None
     if rule.k > 8:
         return False
     if isinstance(rule, DeepseekV2Rule):
-        return rule.method != "group_limited_greedy"
+        return True
     if isinstance(rule, SparseMixerRule):
         return 2 * rule.jitter_eps < 0.45
     return isinstance(rule, (SoftmaxTopK, GptOssRule))

@@ -754,12 +754,13 @@ def test_stream_sparsemixer_crowded_weight_sets(E, k, dtype):
 
 # -- the streamed DeepSeek-V3 kernel (triton_grouped): fast sigmoid, certified, exact where not ---------------------
 
-def _v3_check(z, rule, t, name="deepseek_v3"):
+def _grouped_check(z, rule, t):
     """The streamed kernel against the numpy oracle (ties -> lower index) and the rows kernel: same selected set,
     weights to float32 rounding."""
     from routelens.kernels.triton_route import route_kernel
 
     w, i = _by_index(*route_kernel(z, rule, t, impl="stream"))
+    name = "deepseek_v3" if isinstance(rule, DeepseekV3Rule) else "deepseek_v2_grouped"
     oracle = _oracle(z.float().numpy(), name, rule, t if t is not None else LayerTables.neutral(z.shape[1]), 0.01)
     ow, oi = _by_index(*map(torch.from_numpy, oracle))
     assert torch.equal(i, oi), (i, oi)
@@ -777,11 +778,11 @@ def test_v3_stream_equals_oracle(E, n_group, topk_group, k, dtype):
     g = torch.Generator().manual_seed(E + k)
     rule = DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
     z = (torch.randn(24, E, generator=g) * 2).to(dtype)
-    _v3_check(z, rule, None)
+    _grouped_check(z, rule, None)
     per = min(E // n_group, 16)
     t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, bias_abs={7: 0.25},
                 boost={per + 1: 0.5, 3: 2.0}, renormalize=True)
-    _v3_check(z, rule, t)
+    _grouped_check(z, rule, t)
 
 
 @interp
@@ -793,8 +794,8 @@ def test_v3_stream_ties_of_equal_scores_are_selected_exactly():
     for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 8, 2, 3)):
         rule = DeepseekV3Rule(k, n_group, topk_group, False, 1.0, torch.zeros(E))
         z = torch.randint(-3, 4, (32, E), generator=g).float() / 2
-        _v3_check(z, rule, None)
-        _v3_check(z, rule, _tables(E, disable=[1, 2], bias={4: 0.5}))
+        _grouped_check(z, rule, None)
+        _grouped_check(z, rule, _tables(E, disable=[1, 2], bias={4: 0.5}))
 
 
 def _key_bucket(x: float, bits: int) -> int:
@@ -818,7 +819,7 @@ def test_v3_stream_near_ties_below_the_key_resolution_take_the_exact_path():
     assert _key_bucket(c9, 6) == _key_bucket(float(np.float32(c9) + np.float32(corr[10])), 6)
     rule = DeepseekV3Rule(2, 8, 4, True, 1.0, corr)
     z = base.repeat(8, 1)
-    _v3_check(z, rule, None)
+    _grouped_check(z, rule, None)
     from routelens.kernels.triton_route import route_kernel
 
     assert (route_kernel(z, rule, None, impl="stream")[1].sort(1).values == torch.tensor([0, 10])).all()
@@ -834,14 +835,130 @@ def test_v3_stream_near_ties_below_the_key_resolution_take_the_exact_path():
     assert g5 > g3 and _key_bucket(g3, 3) == _key_bucket(g5, 3)
     rule = DeepseekV3Rule(4, 8, 2, True, 1.0, corr)  # picks 0, 1, 40, 41: clear of the rest
     z = base.repeat(8, 1)
-    _v3_check(z, rule, None)
+    _grouped_check(z, rule, None)
     assert (route_kernel(z, rule, None, impl="stream")[1] // 8 != 3).all()  # group 5 kept, not 3
 
 
+# -- the streamed DeepSeek-V2 group-limited kernel (triton_grouped): exact keys, certified where a bias cuts them ----
+
+def _v2_grouped(E, n_group, topk_group, k, scaling=16.0):
+    return DeepseekV2Rule(k, "group_limited_greedy", n_group, topk_group, scaling)
+
+
+def _redo_count(monkeypatch) -> list:
+    """Spy on ``triton_route.launch``: the blocks each V2 redo launch was handed (its count, read after the
+    stream's launch)."""
+    from routelens.kernels import triton_route
+
+    counts, real = [], triton_route.launch
+
+    def spy(kernel, grid, *args, **consts):
+        out = real(kernel, grid, *args, **consts)
+        if kernel is triton_route._deepseek_v2_redo_kernel:
+            counts.append(int(args[-1][0]))
+        return out
+
+    monkeypatch.setattr(triton_route, "launch", spy)
+    return counts
+
+
 @interp
-def test_auto_streams_deepseek_v3_from_the_token_threshold(monkeypatch):
-    """``auto`` takes the streamed DeepSeek-V3 kernel (and its redo launch) from ``V3_STREAM_MIN_TOKENS`` tokens,
-    the rows kernel below; both equal the reference."""
+@pytest.mark.parametrize("E,n_group,topk_group,k", [(256, 8, 4, 8), (128, 8, 4, 2), (256, 4, 2, 4), (64, 1, 1, 8),
+                                                    (64, 8, 1, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_v2_grouped_stream_equals_oracle(E, n_group, topk_group, k, dtype):
+    g = torch.Generator().manual_seed(E + k)
+    rule = _v2_grouped(E, n_group, topk_group, k)
+    z = (torch.randn(24, E, generator=g) * 2).to(dtype)
+    _grouped_check(z, rule, None)
+    per = min(E // n_group, 16)
+    t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, bias_abs={7: 0.25},
+                boost={per + 1: 0.5, 3: 2.0}, renormalize=True)
+    _grouped_check(z, rule, t)
+
+
+@interp
+def test_v2_grouped_stream_exact_ties_stay_in_the_stream(monkeypatch):
+    """bf16 logits on a coarse grid: equal scores at the group and pick boundaries are true ties, which the exact
+    keys order by index as the rule does, so no block leaves the stream; signed zeros tie too (-0.0 left out
+    beside a +0.0 pick takes the exact path). The oracle breaks ties by lower group / expert."""
+    counts = _redo_count(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 8, 2, 3)):
+        rule = _v2_grouped(E, n_group, topk_group, k)
+        z = (torch.randint(-3, 4, (32, E), generator=g).float() / 2).to(torch.bfloat16)
+        counts.clear()
+        _grouped_check(z, rule, None)
+        _grouped_check(z, rule, _tables(E, force=[E - 1], disable=[1, 2]))
+        assert counts == [0, 0], counts
+    # signed zeros (each case in its own call: a block taking the exact path takes all of its rows there):
+    # picks {0, 5 or 7}: -0.0 at 5 ties +0.0 at 7, the lower expert wins; groups 1 (-0.0) and 2 (+0.0) tie for
+    # the second kept group: group 1 wins
+    E = 64
+    for lo, hi in ((5, 7), (9, 17)):
+        z = torch.full((1, E), -2.0)
+        z[0, 0], z[0, lo], z[0, hi] = 2.0, -0.0, 0.0
+        for rule in (_v2_grouped(E, 8, 4, 2), _v2_grouped(E, 8, 2, 2)):
+            _grouped_check(z.to(torch.bfloat16), rule, None)
+            _grouped_check(z, rule, None)
+
+
+@interp
+def test_v2_grouped_stream_biased_scores_in_a_boundary_bucket_take_the_exact_path(monkeypatch):
+    """A bias 2 float32 ulps above a bf16 tie puts the biased expert's score in its rival's key bucket, where the
+    keys order by index: the lower (lower-scored) expert or group would win. Such blocks must go to the exact
+    path; a bias clear of the boundary buckets must not send them. Planted at the pick boundary (experts 9 vs 10)
+    and at the group boundary (groups 3 vs 5)."""
+    counts = _redo_count(monkeypatch)
+    from routelens.kernels.triton_route import route_kernel
+
+    E, ulp2 = 64, 2 * 2.0 ** -23
+    z = torch.full((8, E), -4.0)
+    z[:, 0], z[:, 9], z[:, 10] = 3.0, 1.0, 1.0
+    z = z.to(torch.bfloat16)
+    rule = _v2_grouped(E, 8, 4, 2)
+    t = _tables(E, bias={10: ulp2})
+    counts.clear()
+    _grouped_check(z, rule, t)
+    assert (route_kernel(z, rule, t, impl="stream")[1].sort(1).values == torch.tensor([0, 10])).all()
+    assert counts[0] == 1, counts  # the one block of 8 rows
+    counts.clear()
+    _grouped_check(z, rule, _tables(E, bias={30: ulp2}))  # biased, far below the boundary: stays in the stream
+    assert counts == [0], counts
+    # groups: 0 clearly, then 3 (experts 24, 25 at 1.0) and 5 (40 at 1.0, 41 at 1.0 + 2 ulp): 5 is kept
+    z = torch.full((8, E), -6.0)
+    z[:, 0:2], z[:, 24:26], z[:, 40:42] = 4.0, 1.0, 1.0
+    z = z.to(torch.bfloat16)
+    rule = _v2_grouped(E, 8, 2, 4)
+    t = _tables(E, bias={41: ulp2})
+    counts.clear()
+    _grouped_check(z, rule, t)
+    assert (route_kernel(z, rule, t, impl="stream")[1] // 8 != 3).all()
+    assert counts[0] == 1, counts
+
+
+@interp
+def test_v2_grouped_stream_sums_rows_that_spread_far(monkeypatch):
+    """Each thread's softmax sum moves its offset only when a chunk's best lies 16 above it: groups climbing from
+    -60 to +60 across the row (an offset change in every group), a forced expert in the lowest group (force value
+    = row max + δ), and more forced groups than kept ones (their +inf group scores tie: the exact path)."""
+    E, k = 256, 8
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(16, E, generator=g) + torch.linspace(-60, 60, 8).repeat_interleave(E // 8)
+    rule = _v2_grouped(E, 8, 4, k)
+    _grouped_check(z, rule, None)
+    _grouped_check(z, rule, _tables(E, force=[2], disable=[255], bias={100: 0.5}))
+    _grouped_check(z.flip(1), rule, _tables(E, force=[2], boost={2: 3.0}))
+    counts = _redo_count(monkeypatch)
+    _grouped_check(z, _v2_grouped(E, 8, 2, k), _tables(E, force=[3, 40, 200]))
+    assert counts[0] == 2, counts  # both blocks: three forced groups for two places
+
+
+@interp
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
+def test_auto_streams_the_grouped_families_from_the_token_threshold(monkeypatch, family):
+    """``auto`` takes the streamed group-limited kernel (and its redo launch) from its threshold (V3: tokens; V2:
+    logits), the rows kernel below; both equal the reference."""
     from routelens.kernels import triton_route
     from routelens.kernels.reference import masked_route
 
@@ -855,14 +972,21 @@ def test_auto_streams_deepseek_v3_from_the_token_threshold(monkeypatch):
             launched.append(grid)
             return self.kernel[grid]
 
-    monkeypatch.setattr(triton_route, "_v3_stream_kernel", Spy(triton_route._v3_stream_kernel))
-    monkeypatch.setattr(triton_route, "V3_STREAM_MIN_TOKENS", 16)
+    v3 = family == "deepseek_v3"
+    kernel = "_v3_stream_kernel" if v3 else "_v2_stream_kernel"
+    monkeypatch.setattr(triton_route, kernel, Spy(getattr(triton_route, kernel)))
     E = 64
-    rule = DeepseekV3Rule(4, 8, 4, True, 2.5, torch.linspace(-0.1, 0.1, E))
+    if v3:
+        monkeypatch.setattr(triton_route, "V3_STREAM_MIN_TOKENS", 16)
+    else:
+        monkeypatch.setattr(triton_route, "V2_STREAM_MIN_LOGITS", 16 * E)
+        monkeypatch.setattr(triton_route, "V2_STREAM_MIN_EXPERTS", E)
+    rule = (DeepseekV3Rule(4, 8, 4, True, 2.5, torch.linspace(-0.1, 0.1, E)) if v3
+            else _v2_grouped(E, 8, 4, 4))
     t = _tables(E, force=[3], disable=[9], bias={12: 0.5})
     for T, streamed in ((8, False), (16, True)):
         z = _distinct_logits(T, E, torch.bfloat16, seed=T)
         launched.clear()
-        _assert_same("deepseek_v3", *triton_route.route_kernel(z, rule, t), *masked_route(z, rule, t),
+        _assert_same(family, *triton_route.route_kernel(z, rule, t), *masked_route(z, rule, t),
                      rtol=8e-3, atol=1e-3)
         assert bool(launched) == streamed, (T, launched)

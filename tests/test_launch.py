@@ -90,7 +90,7 @@ def test_replayed_launches_of_a_small_kernel_match_fresh_ones():
 
 
 @cuda
-@pytest.mark.parametrize("family", ["softmax", "v2", "v3", "gpt_oss", "sparsemixer"])
+@pytest.mark.parametrize("family", ["softmax", "v2", "v2_grouped", "v3", "gpt_oss", "sparsemixer"])
 def test_replayed_route_kernels_match_the_reference(family):
     from routelens.adapters.routing import (DeepseekV2Rule, DeepseekV3Rule, GptOssRule, SoftmaxTopK,
                                             SparseMixerRule)
@@ -101,6 +101,7 @@ def test_replayed_route_kernels_match_the_reference(family):
     dev, E, k = torch.device("cuda"), 64, 4
     rule = {"softmax": SoftmaxTopK(k=k, renormalize=False),
             "v2": DeepseekV2Rule(k=k, method="greedy", n_group=1, topk_group=1, scaling=1.0),
+            "v2_grouped": DeepseekV2Rule(k=k, method="group_limited_greedy", n_group=8, topk_group=4, scaling=16.0),
             "v3": DeepseekV3Rule(k=k, n_group=8, topk_group=4, scaling=2.5, renormalize=True,
                                  correction_bias=torch.randn(E, device=dev) * 0.1),
             "gpt_oss": GptOssRule(k=k), "sparsemixer": SparseMixerRule(k=2, jitter_eps=0.01)}[family]
