@@ -774,9 +774,11 @@ def _grouped_check(z, rule, t):
 @pytest.mark.parametrize("E,n_group,topk_group,k", [(256, 8, 4, 8), (128, 8, 4, 2), (256, 4, 2, 4), (64, 1, 1, 8),
                                                     (64, 8, 1, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_v3_stream_equals_oracle(E, n_group, topk_group, k, dtype):
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
+def test_grouped_stream_equals_oracle(family, E, n_group, topk_group, k, dtype):
     g = torch.Generator().manual_seed(E + k)
-    rule = DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
+    rule = (DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
+            if family == "deepseek_v3" else _v2_grouped(E, n_group, topk_group, k))
     z = (torch.randn(24, E, generator=g) * 2).to(dtype)
     _grouped_check(z, rule, None)
     per = min(E // n_group, 16)
@@ -860,21 +862,6 @@ def _redo_count(monkeypatch) -> list:
 
     monkeypatch.setattr(triton_route, "launch", spy)
     return counts
-
-
-@interp
-@pytest.mark.parametrize("E,n_group,topk_group,k", [(256, 8, 4, 8), (128, 8, 4, 2), (256, 4, 2, 4), (64, 1, 1, 8),
-                                                    (64, 8, 1, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_v2_grouped_stream_equals_oracle(E, n_group, topk_group, k, dtype):
-    g = torch.Generator().manual_seed(E + k)
-    rule = _v2_grouped(E, n_group, topk_group, k)
-    z = (torch.randn(24, E, generator=g) * 2).to(dtype)
-    _grouped_check(z, rule, None)
-    per = min(E // n_group, 16)
-    t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, bias_abs={7: 0.25},
-                boost={per + 1: 0.5, 3: 2.0}, renormalize=True)
-    _grouped_check(z, rule, t)
 
 
 @interp
