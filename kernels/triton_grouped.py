@@ -277,6 +277,13 @@ def _exp_off(z, off, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _rescale(off, new, PRECISE: tl.constexpr):
+    """``exp(off - new)``, exactly 1 where the offset did not move: through the fma, ``off·log2 e - round(off·log2
+    e)`` is that product's rounding error, a factor of 1 ± 2^-24·|off| on the sum at every chunk."""
+    return tl.where(new == off, 1.0, _exp_off(off, new, PRECISE))
+
+
+@triton.jit
 def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, s, c, gid, S: tl.constexpr,
                    CPG: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                    HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
@@ -298,7 +305,7 @@ def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, for
         # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
         # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
         new = tl.where(top > off + 16.0, top, off)
-        sm = sm * _exp_off(off, new, PRECISE) + tl.sum(_exp_off(z, new[:, :, None], PRECISE), 2)
+        sm = sm * _rescale(off, new, PRECISE) + tl.sum(_exp_off(z, new[:, :, None], PRECISE), 2)
         off = new
     hi = tl.maximum(hi, best)
     score = tl.max(best, 1)
@@ -329,7 +336,7 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
         fcol = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _FCOL * E + slot, mask=slot < n_forced, other=0)
         fgroup = tl.where(slot < n_forced, fcol // PER_GROUP, -1)
     gkey = tl.full([ROWS, G_PAD], _TAKEN, tl.int32)
-    off = tl.full([ROWS, S], -1e30, tl.float32)  # finite: off·log2 e and off - off stay finite before any term
+    off = tl.full([ROWS, S], -2.0 ** 100, tl.float32)  # finite, and off·log2 e exact: no term yet
     sm = tl.zeros([ROWS, S], tl.float32)
     hi = tl.full([ROWS, S], -float("inf"), tl.float32)
     raw_max = hi
@@ -367,7 +374,7 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
         sure = sure & apart
     # the softmax: each thread's sum brought to the row max of the enabled experts, then to the force value
     m_row = tl.max(hi, 1)
-    total = tl.sum(sm * _exp_off(off, m_row[:, None], PRECISE), 1)
+    total = tl.sum(sm * _rescale(off, m_row[:, None], PRECISE), 1)
     top = m_row
     if HAS_FORCE:
         raw_row = tl.max(raw_max, 1)
