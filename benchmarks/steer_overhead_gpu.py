@@ -27,12 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-from kernels_alias import alias_kernels  # noqa: E402
-
-alias_kernels()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a bare checkout (the GPU machine): routelens
 
 from olmoe_shape import build  # noqa: E402
 from routelens.steering import steer  # noqa: E402

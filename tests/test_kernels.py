@@ -1,4 +1,4 @@
-"""The Triton masked-routing kernels (``kernels/triton_route.py``) on the CPU, through the Triton interpreter.
+"""The Triton masked-routing kernels (``routelens/kernels/triton_route.py``) on the CPU, through the Triton interpreter.
 
 The interpreter must be switched on before any kernel is decorated and must not leak into other test files, so
 ``test_interpreter_suite`` re-runs this very module in a subprocess with ``TRITON_INTERPRET=1``; the tests marked

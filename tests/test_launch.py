@@ -1,4 +1,4 @@
-"""``kernels/launch.py``: replaying compiled kernels must never reuse one that Triton would have compiled apart.
+"""``routelens/kernels/launch.py``: replaying compiled kernels must never reuse one that Triton would have compiled apart.
 
 On the CPU: the launch key refines Triton's own specialization of runtime arguments (checked against Triton's
 specializer, not a copy of its rules), and the replayed argument tail is the signature's constexprs with their
