@@ -1,13 +1,15 @@
-"""Two (or more) versions of the masked-routing kernels side by side in one run on the GPU (T = 65,536, bf16, cold
-L2, kernel GPU time, interleaved repeats): e.g. the kernels at a git revision against the working tree's.
+"""Two (or more) versions of the masked-routing kernels side by side in one run on the GPU (T = 65,536, bf16 logits
+or ``--dtype``, cold L2, kernel GPU time, interleaved repeats): e.g. the kernels at a git revision against the
+working tree's.
 
-A version is a package holding ``triton_route.py`` and its siblings: ``kernels`` (the working tree), or a copy of
+A version is a package holding ``triton_route.py`` and its siblings: ``routelens.kernels`` (the working tree), or a copy of
 an older revision made with ``git show``:
 
-    mkdir -p out/khead && for f in kernels/*.py; do git show HEAD:$f > out/khead/$(basename $f); done
+    mkdir -p out/khead && for f in routelens/kernels/*.py; do git show HEAD:$f > out/khead/$(basename $f); done
+    (revisions before the kernels moved into routelens/: ``kernels/*.py``)
 
-Usage: python benchmarks/kernels_ab_gpu.py '[["base", "out.khead", {}], ["cur", "kernels", {}]]'
-           [--families softmax_topk,..] [--k 2,8] [--modes steered,plain] [--E 256]
+Usage: python benchmarks/kernels_ab_gpu.py '[["base", "out.khead", {}], ["cur", "routelens.kernels", {}]]'
+           [--families softmax_topk,..] [--k 2,8] [--modes steered,plain] [--E 256] [--dtype bfloat16]
   (the third entry of a version: ``_stream_opts`` for ``route_kernel``, e.g. {"SP_TABLE": false})
   benchmarks/results/table_layout_ab_gpu.jsonl: a0d3caf against the per-thread table loads (0e7becd), steered,
       softmax_topk/deepseek_v2_greedy/gpt_oss/sparsemixer k 2,8, then deepseek_v3 k 2,8 plain and steered (taken
@@ -35,6 +37,7 @@ ap.add_argument("--families", default="softmax_topk,deepseek_v2_greedy,gpt_oss,s
 ap.add_argument("--k", default="2,8")
 ap.add_argument("--modes", default="steered")
 ap.add_argument("--E", type=int, default=256)
+ap.add_argument("--dtype", default="bfloat16", help="the logits' dtype (DeepSeek's routers: float32)")
 args = ap.parse_args()
 
 versions = [(label, importlib.import_module(pkg + ".triton_route"), opts)
@@ -42,7 +45,7 @@ versions = [(label, importlib.import_module(pkg + ".triton_route"), opts)
 dev = torch.device("cuda")
 hbm = hbm_bandwidth(dev)["GB_per_s"]
 T, E = 65536, args.E
-x0 = torch.randn(T, E, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(dev)
+x0 = torch.randn(T, E, generator=torch.Generator().manual_seed(0)).to(getattr(torch, args.dtype)).to(dev)
 xs = cold_inputs(x0)
 for family in args.families.split(","):
     for k in (int(x) for x in args.k.split(",")):
@@ -60,7 +63,7 @@ for family in args.families.split(","):
             for _ in range(3):  # interleaved, so that drift in clocks or neighbours hits every version alike
                 for _, fn, _, times in runs:
                     times.append(graph_time_cold_ms(lambda xi, fn=fn: fn(xi, rule, tables), xs))
-            row = dict(family=family, k=k, mode=mode, hbm_GB_per_s=hbm)
+            row = dict(family=family, k=k, mode=mode, dtype=args.dtype, hbm_GB_per_s=hbm)
             for label, _, ok, times in runs:
                 us = min(times) * 1e3
                 row[label] = dict(us=round(us, 2), frac=round(nbytes / (us / 1e6) / 1e9 / hbm, 3), ok=ok)
