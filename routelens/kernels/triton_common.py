@@ -6,12 +6,14 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# rows of the packed [10, E] float32 table: the spec's four (mask -1/0/+1, bias, bias_abs, boost) and six derived
-# for the streamed kernel, so that no mask test runs per element: DROP (-inf at disabled and forced experts, else
+# rows of the packed [11, E] float32 table: the spec's four (mask -1/0/+1, bias, bias_abs, boost) and seven derived
+# for the streamed kernels, so that no mask test runs per element: DROP (-inf at disabled and forced experts, else
 # 0: what leaves the selection and the softmax sum), as int32 bits FCOL (the forced columns, ascending), SPW (one
 # bit per special column: any bias or mask, 32 columns a word), CCOL (the enabled special columns: biased), DCOL
-# (the disabled and forced columns), each list followed by zeros; and SDROP (-inf at the special columns, else 0)
-_MASK, _BIAS, _BIAS_ABS, _BOOST, _DROP, _FCOL, _SPW, _CCOL, _DCOL, _SDROP = (tl.constexpr(i) for i in range(10))
+# (the disabled and forced columns), each list followed by zeros; SDROP (-inf at the special columns, else 0); and
+# CHOICE (+inf at forced, -inf at disabled experts, else 0: added, the mask's choice order in one float add)
+_MASK, _BIAS, _BIAS_ABS, _BOOST, _DROP, _FCOL, _SPW, _CCOL, _DCOL, _SDROP, _CHOICE = (tl.constexpr(i)
+                                                                                  for i in range(11))
 _TAKEN = tl.constexpr(-2147483648)  # int32 min: below every selection key (the key of -inf is above it)
 _TAKEN64 = tl.constexpr(-9223372036854775807)
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -23,6 +25,15 @@ def _exp(x, PRECISE: tl.constexpr):
         return libdevice.exp(x)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def _rcp(x):
+    """``1 / x`` by one ``rcp.approx.ftz.f32`` (MUFU.RCP; 1 ulp), for the fast sigmoid's certified scores:
+    ``libdevice.fast_dividef(1, x)`` compiled to an extra FADD a logit around it (sm_90 SASS). GPU only (the
+    interpreter runs no PTX)."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit

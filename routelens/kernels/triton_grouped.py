@@ -10,7 +10,7 @@ bandwidth at T = 65,536, E = 256, k = 8. Here:
 1. Pass 1 scores the groups. A group is ``CPG`` consecutive chunks (DeepSeek-V3: 256 experts in 8 groups of 32,
    S = 4: one chunk), so each thread takes the top two of its share in registers and the S threads merge them. The
    choice scores ``c = sigmoid(z') + corr`` (±inf at forced / disabled experts) come from a fast sigmoid
-   (``ex2.approx`` and ``div.approx``: within ``2^-16.8`` of PyTorch's); no selection is final yet.
+   (``ex2.approx`` and ``rcp.approx``: within ``2^-16.8`` of PyTorch's); no selection is final yet.
 2. The ``TOPK_GROUP`` best groups (one reduction over the group keys per kept group) are streamed again (from L1/L2,
    not HBM) into each thread's sorted list of the k+1 best 32-bit keys (``triton_stream._absorb``), and the S
    threads pick k (``triton_stream._pick``).
@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp, _finish,
-                            _from_order_bits, _split8, _steered_at)
+from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
+                            _finish, _from_order_bits, _rcp, _split8, _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -52,10 +51,10 @@ def _sigmoid(z, PRECISE: tl.constexpr):
 
 @triton.jit
 def _fast_sigmoid(z, PRECISE: tl.constexpr):
-    """``1 / (1 + 2^(-z·log2 e))`` through ``ex2.approx`` and ``div.approx``: relative error below 2^-17 against
+    """``1 / (1 + 2^(-z·log2 e))`` through ``ex2.approx`` and ``rcp.approx`` (ftz): relative error below 2^-17 against
     the exact sigmoid (the rounded product z·log2 e, |z| < 104 where the result is not saturated, dominates)."""
     if PRECISE:
-        return libdevice.fast_dividef(1.0, 1.0 + tl.math.exp2(z * -_LOG2E))
+        return _rcp(1.0 + tl.math.exp2(z * -_LOG2E))
     else:
         return 1.0 / (1.0 + tl.exp(-z))
 
@@ -82,11 +81,12 @@ def _biased(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.con
 @triton.jit
 def _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                HAS_MASK: tl.constexpr):
-    """DeepSeek-V2's choice order at a chunk: the biased logits, +inf at forced and -inf at disabled experts."""
+    """DeepSeek-V2's choice order at a chunk: the biased logits, +inf at forced and -inf at disabled experts (the
+    table's CHOICE row added: one float add for the mask's two selects; it also turns -0.0 into +0.0, which a float
+    comparison, the rule's, does not tell apart)."""
     z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
     if HAS_MASK:
-        m = _at_cols(tabs_ptr + _MASK * E, cols, raw.shape)
-        z = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), z))
+        z = z + _at_cols(tabs_ptr + _CHOICE * E, cols, raw.shape)
     return z
 
 
@@ -94,12 +94,12 @@ def _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.
 def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr,
             HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
     """The choice scores of a chunk of logits at ``cols``: ``sigmoid(z') + corr``, +inf at forced and -inf at
-    disabled experts (the steered rule's choice bias, added after the correction bias)."""
+    disabled experts (the steered rule's choice bias, added after the correction bias: the CHOICE row with
+    ``HAS_MASK``; ``route_kernel`` folds it into ``corr`` instead, one table load a logit less)."""
     z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
     c = _fast_sigmoid(z, PRECISE) + _at_cols(corr_ptr, cols, raw.shape).to(tl.float32)
     if HAS_MASK:
-        m = _at_cols(tabs_ptr + _MASK * E, cols, raw.shape)
-        c = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), c))
+        c = c + _at_cols(tabs_ptr + _CHOICE * E, cols, raw.shape)
     return c
 
 
