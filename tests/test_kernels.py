@@ -163,19 +163,19 @@ def test_v3_mask_folded_into_the_correction_bias_by_hand():
     corr = torch.tensor([0.5, -0.25, 0.0, 10.0, -0.0])
     tables = _tables(5, force=[1], disable=[3])
     tab, _ = _device_tables(tables, corr.device)
-    folded = _v3_choice_bias(corr, corr, tab, tables)
+    folded = _v3_choice_bias(corr, tab, tables)
     assert folded.tolist() == [0.5, float("inf"), 0.0, float("-inf"), 0.0]
     assert folded.dtype == torch.float32 and math.copysign(1.0, folded[4].item()) == -1.0  # the bias, untouched
-    assert _v3_choice_bias(corr, corr, tab, tables) is folded  # cached: no device ops on later calls
+    assert _v3_choice_bias(corr, tab, tables) is folded  # cached: no device ops on later calls
     corr.add_(1.0)  # the buffer edited in place (its version moves)
-    assert _v3_choice_bias(corr, corr, tab, tables).tolist() == [1.5, float("inf"), 1.0, float("-inf"), 1.0]
+    assert _v3_choice_bias(corr, tab, tables).tolist() == [1.5, float("inf"), 1.0, float("-inf"), 1.0]
     tables.mask[0] = -1  # the tables edited: a new device table, a new fold
     tab2, _ = _device_tables(tables, corr.device)
-    assert _v3_choice_bias(corr, corr, tab2, tables).tolist() == [float("-inf"), float("inf"), 1.0, float("-inf"),
+    assert _v3_choice_bias(corr, tab2, tables).tolist() == [float("-inf"), float("inf"), 1.0, float("-inf"),
                                                                   1.0]
     other = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0])  # another layer's buffer, same tables: its own entry
-    assert _v3_choice_bias(other, other, tab2, tables).tolist()[2] == 0.0
-    assert _v3_choice_bias(corr, corr, tab2, tables).tolist()[2] == 1.0
+    assert _v3_choice_bias(other, tab2, tables).tolist()[2] == 0.0
+    assert _v3_choice_bias(corr, tab2, tables).tolist()[2] == 1.0
 
 
 @interp

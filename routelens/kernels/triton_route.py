@@ -44,7 +44,7 @@ from .launch import cdiv, launch, next_pow2
 from .reference import masked_route, weights_dtype
 from .triton_grouped import _v2_stream_kernel, _v3_stream_kernel, grouped_stream_config
 from .triton_stream import SPARSE_MAX, _shift, _stream_topk_kernel, stream_config, stream_rows
-from .triton_common import (_MASK, _TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
+from .triton_common import (_CHOICE, _TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
                             _steered_logits, _sum_exp, _tile)
 
 __all__ = ["masked_route_triton", "route_kernel", "triton_available", "weights_dtype", "launch_config"]
@@ -441,23 +441,23 @@ def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, t
     return tab, flags
 
 
-def _v3_choice_bias(source: Tensor, corr: Tensor, tab: Tensor, tables: LayerTables) -> Tensor:
-    """DeepSeek-V3's correction bias ``corr`` (float32, on the logits' device) with the spec's choice bias folded
-    in: +inf at forced, -inf at disabled experts. The rule adds that choice bias right after the correction bias,
-    and ``sigmoid(z') + (±inf)`` is ±inf for every sigmoid (finite, in [0, 1]), so the kernels' choice scores
-    ``sigmoid(z') + this`` are the steered ones exactly, with one per-column table load a logit instead of two
-    (correction and mask) and no mask selects.
+def _v3_choice_bias(corr: Tensor, tab: Tensor, tables: LayerTables) -> Tensor:
+    """DeepSeek-V3's correction bias ``corr`` (the rule's buffer) as float32 on ``tab``'s device, with the spec's
+    choice bias folded in: the table's CHOICE row (+inf at forced, -inf at disabled experts) where it is set. The
+    rule adds that choice bias right after the correction bias, and ``sigmoid(z') + (±inf)`` is ±inf for every
+    sigmoid (finite, in [0, 1]), so the kernels' choice scores ``sigmoid(z') + this`` are the steered ones exactly,
+    with one per-column table load a logit instead of two (correction and mask) and no mask selects.
 
-    Cached on the tables object per correction-bias buffer (``source``, the rule's own: its storage, version and
-    dtype) and per device table ``tab`` (rebuilt when the tables change): a steered DeepSeek model routes every
-    forward with the same pairs, one per MoE layer."""
+    Cached on the tables object per buffer (its storage, version and dtype) and per device table ``tab`` (rebuilt
+    when the tables change): a steered DeepSeek model routes every forward with the same pairs, one per MoE layer,
+    and a buffer on another device is copied only when the fold is built."""
     cache = tables.__dict__.setdefault(_CORR_ATTR, {})
-    key = (source.data_ptr(), source._version, source.dtype, str(corr.device))
+    key = (corr.data_ptr(), corr._version, corr.dtype, str(tab.device))
     hit = cache.get(key)
     if hit is not None and hit[0] is tab:
         return hit[1]
-    mask = tab[_MASK.value]
-    folded = torch.where(mask > 0, float("inf"), torch.where(mask < 0, float("-inf"), corr.float()))
+    choice = tab[_CHOICE.value]
+    folded = torch.where(choice != 0, choice, corr.to(device=tab.device, dtype=torch.float32))
     if len(cache) >= 1024:  # buffers come and go (a model reloaded, moved): keep the cache bounded
         cache.clear()
     cache[key] = (tab, folded)
@@ -499,15 +499,15 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     precise = _PRECISE if precise is None else (precise and not _INTERPRET)
     v3 = isinstance(rule, DeepseekV3Rule)
     flags = _device[1]
-    if v3:
+    if v3 and has_mask:  # the mask rides in the correction bias: one table load a logit less, no mask selects
+        corr = _v3_choice_bias(rule.correction_bias, tab, tables)
+        has_mask = False
+        flags = (flags[0], False, *flags[2:])
+    elif v3:
         corr = rule.correction_bias
         if corr.device != logits.device:
             corr = corr.to(logits.device)
         corr = corr.contiguous()
-        if has_mask:  # the mask rides in the correction bias: one table load a logit less, no mask selects
-            corr = _v3_choice_bias(rule.correction_bias, corr, tab, tables)
-            has_mask = False
-            flags = (flags[0], False, *flags[2:])
     # DeepSeek-V3 and V2 grouped: the streamed kernel flags its uncertain blocks, the rows kernel redoes them in a
     # second launch,
     # whose one-block latency (~10 us on the H100) makes the pair slower at small T (H100, E = 256: 2x slower at
