@@ -4,6 +4,7 @@ change before any device time is spent (the streamed kernels are fully unrolled,
 executed instructions of a block's common path; timings still need the GPU).
 
 Usage: python benchmarks/sass_stats.py FAMILY K steered|plain [DTYPE] [--package routelens.kernels] [--E 256]
+           [--dump DIR]
   e.g. the kernels at a revision side by side: copy them as in kernels_ab_gpu.py, then --package out.khead
 Prints one JSON line per kernel: [name, "REGS smem SHARED", instructions, {opcode: count} (the 14 commonest)]."""
 import argparse
@@ -30,7 +31,7 @@ POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
            torch.int64: "*i64"}
 
 
-def _sass(kernel, args, consts) -> list:
+def _sass(kernel, args, consts, dump: Path | None = None) -> list:
     """Compile ``kernel`` as ``launch(kernel, grid, *args, **consts)`` would (tensors and multiples of 16 specialised
     as 16-divisible, as Triton does for aligned arguments) and read its SASS."""
     params = inspect.signature(kernel.fn).parameters
@@ -56,6 +57,11 @@ def _sass(kernel, args, consts) -> list:
     cubin = Path(f"/tmp/routelens_{kernel.fn.__name__}.cubin")
     cubin.write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    if dump is not None:  # the stages, to read where instructions come from (layouts in ttgir, SASS per line)
+        dump.mkdir(parents=True, exist_ok=True)
+        for stage in ("ttir", "ttgir", "ptx"):
+            (dump / f"{kernel.fn.__name__}.{stage}").write_text(compiled.asm[stage])
+        (dump / f"{kernel.fn.__name__}.sass").write_text(sass)
     usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
     ops: dict[str, int] = {}
     for line in sass.splitlines():
@@ -76,10 +82,11 @@ ap.add_argument("dtype", nargs="?", default="bfloat16")
 ap.add_argument("--package", default="routelens.kernels")
 ap.add_argument("--E", type=int, default=256)
 ap.add_argument("--T", type=int, default=65536)
+ap.add_argument("--dump", type=Path, default=None, help="also write each kernel's ttir, ttgir, ptx and SASS here")
 args = ap.parse_args()
 route = importlib.import_module(args.package + ".triton_route")
 launched = []
-route.launch = lambda kernel, grid, *a, **c: launched.append(_sass(kernel, a, c))
+route.launch = lambda kernel, grid, *a, **c: launched.append(_sass(kernel, a, c, args.dump))
 route._INTERPRET = True  # past the CUDA-tensor check; the kernels compile as for the GPU (precise paths)
 route._PRECISE = True
 rule = make_rule(args.family, args.E, args.k, "cpu")
