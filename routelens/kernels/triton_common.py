@@ -60,6 +60,24 @@ def _at_cols(ptr, cols, shape, col_ok=None):
 
 
 @triton.jit
+def _lanes(S: tl.constexpr, WIDE: tl.constexpr):
+    """Each thread's 8 columns of a chunk of ``8·S`` (offsets within it; a row's S threads hold it all). 16-bit
+    logits: ``[1, S, 8]``, thread s holds 8s .. 8s+7 (one 16-byte load). 32-bit logits (``WIDE``): ``[2, 1, S, 4]``,
+    thread s holds 4s .. 4s+3 and 4S+4s .. 4S+4s+3 (two 16-byte loads). Why: Triton's coalescing gives a load at
+    most 16 bytes a thread, so a ``[.., S, 8]`` chunk of float32 went to two threads per 8, and each top-2 or sort
+    of a thread's 8 regrouped them through shuffles (DeepSeek-V3's streamed kernel, sm_90 SASS: 134 SHFL.IDX)."""
+    if WIDE:
+        h = tl.arange(0, 2)
+        s = tl.arange(0, S)
+        c = tl.arange(0, 4)
+        return (h[:, None, None] * (4 * S) + s[None, :, None] * 4 + c[None, None, :])[:, None, :, :]
+    else:
+        s = tl.arange(0, S)
+        c = tl.arange(0, 8)
+        return (s[:, None] * 8 + c[None, :])[None, :, :]
+
+
+@triton.jit
 def _tile(T, E, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
@@ -123,9 +141,32 @@ def _ce(a, b):
 
 
 @triton.jit
+def _own_max(x):
+    """The max over each thread's 8 of a chunk (``_lanes``: the last dimension, or the first and last)."""
+    if len(x.shape) == 4:
+        r = tl.max(tl.max(x, 3), 0)
+    else:
+        r = tl.max(x, 2)
+    return r
+
+
+@triton.jit
+def _own_sum(x):
+    """The sum over each thread's 8 of a chunk (as ``_own_max``)."""
+    if len(x.shape) == 4:
+        r = tl.sum(tl.sum(x, 3), 0)
+    else:
+        r = tl.sum(x, 2)
+    return r
+
+
+@triton.jit
 def _split8(x):
     """The 8 entries of the last dimension (one thread's registers after a 16-byte load of bf16) as eight
-    tensors without it, in the order 0, 4, 2, 6, 1, 5, 3, 7 (the callers sort or insert, so order is free)."""
+    tensors without it, in the order 0, 4, 2, 6, 1, 5, 3, 7 (the callers sort or insert, so order is free); or
+    of a ``[2, ROWS, S, 4]`` chunk (``_lanes`` for 32-bit logits), its first and last dimensions."""
+    if len(x.shape) == 4:
+        x = tl.permute(x, (1, 2, 3, 0))
     h = tl.reshape(x, [x.shape[0], x.shape[1], 2, 2, 2])
     a, b = tl.split(h)
     a0, a1 = tl.split(a)

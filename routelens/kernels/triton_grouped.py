@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
-                            _finish, _from_order_bits, _rcp, _split8, _steered_at)
+                            _finish, _from_order_bits, _lanes, _rcp, _split8, _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -119,7 +119,7 @@ def _top2_of8(x):
 
 
 @triton.jit
-def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, S: tl.constexpr, CPG: tl.constexpr,
+def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S: tl.constexpr, CPG: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                  PRECISE: tl.constexpr):
     """Group ``g``'s score per row, the sum of its two best choice scores (the rule's ``topk(2).sum``), and the
@@ -127,7 +127,7 @@ def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, S: tl.constexpr, 
     a1 = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
     a2 = a1
     for ci in tl.static_range(CPG):
-        cols = ((g * CPG + ci) * 8 * S + s[:, None] * 8 + c[None, :])[None, :, :]
+        cols = (g * CPG + ci) * 8 * S + lanes
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
         x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
         b1, b2 = _top2_of8(x)
@@ -143,19 +143,19 @@ def _key_upper(key, CB: tl.constexpr):
 
 
 @triton.jit
-def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S: tl.constexpr, CPG: tl.constexpr,
+def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S: tl.constexpr, CPG: tl.constexpr,
                 GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                 HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
     """Group ``g``'s key (score order bits, low GB bits: the group) into ``gkey``; ``mag``: the largest finite
     magnitude of a group's two best scores so far (their rounding errors scale with it)."""
-    score, m12 = _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, S, CPG, HAS_BIAS, HAS_BIAS_ABS,
+    score, m12 = _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S, CPG, HAS_BIAS, HAS_BIAS_ABS,
                               HAS_MASK, PRECISE)
     mag = tl.maximum(mag, tl.where(m12 < float("inf"), m12, 0.0))
     return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), mag
 
 
 @triton.jit
-def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c,
+def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, lanes,
                S: tl.constexpr, CPG: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, GB: tl.constexpr,
                N_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr, V2: tl.constexpr = False):
@@ -170,7 +170,7 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
         gm = tl.zeros([row_ok.shape[0]], tl.int32)
         g = gm
     for ci in tl.static_range(CPG):
-        cols = ((g * CPG + ci) * 8 * S)[:, None, None] + (s[:, None] * 8 + c[None, :])[None, :, :]
+        cols = ((g * CPG + ci) * 8 * S)[:, None, None] + lanes
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
         if V2:
             x = _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
@@ -185,12 +185,11 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
                K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr, WIDE: tl.constexpr):
     """Passes 1 and 2 and the certificate (module docstring), with the fast sigmoid. Returns the ``[ROWS, SLOTS]``
     picks, their exact sigmoids, and per row whether the selection is certain. ``UNROLL``: the group loops
-    unrolled (more loads in flight, more registers) or runtime loops."""
-    s = tl.arange(0, S)
-    c = tl.arange(0, 8)
+    unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_lanes``)."""
+    lanes = _lanes(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1  # the (k+1)-th best bounds what was left out
     gid = tl.arange(0, G_PAD)
@@ -200,23 +199,23 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
     if N_GROUP > 1:  # pass 1: the group keys
         if UNROLL:
             for g in tl.static_range(N_GROUP):
-                gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S, CPG, GB,
+                gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S, CPG, GB,
                                         HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
         else:
             for g in tl.range(0, N_GROUP, loop_unroll_factor=1, num_stages=1):
-                gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, s, c, gid, S, CPG, GB,
+                gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S, CPG, GB,
                                         HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     gm = tl.zeros([ROWS], tl.int32)
     if UNROLL:  # pass 2: the kept groups, best first
         for j in tl.static_range(TOPK_GROUP):
             l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
-                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c, S, CPG, N, CB,
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, lanes, S, CPG, N, CB,
                 GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
     else:
         for j in tl.range(0, TOPK_GROUP, loop_unroll_factor=1, num_stages=1):
             l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
-                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, s, c, S, CPG, N, CB,
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, lanes, S, CPG, N, CB,
                 GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
     if N_GROUP > TOPK_GROUP:  # the kept groups above the dropped ones by more than both scores' error bounds
         lo = _key_upper(gm & ~((1 << GB) - 1), 0)
@@ -245,7 +244,7 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                       HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
-                      PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+                      PRECISE: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr = False):
     """``DeepseekV3Rule`` (see the module docstring); E = E_PAD, groups of ``CPG`` chunks of ``8·S`` experts.
     A block with an uncertain row writes nothing: its index goes to ``redo_ptr`` (``n_redo_ptr`` counts them) for
     ``triton_route``'s exact rows kernel, launched next. (Done here, the exact paths lifted this kernel from 64 to
@@ -254,7 +253,7 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
     row_ok = rows < T
     sel, sg, sure = _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS, S, K, SLOTS, SLOTS1,
                                CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, UNROLL, HAS_BIAS, HAS_BIAS_ABS,
-                               HAS_MASK, PRECISE)
+                               HAS_MASK, PRECISE, WIDE)
     if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
         tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
     else:
@@ -349,7 +348,7 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
     gm = tl.zeros([ROWS], tl.int32)
     for j in tl.static_range(TOPK_GROUP):  # pass 2: the kept groups, best first
         l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
-            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, s, c, S, CPG, N, CB,
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, _lanes(S, False), S, CPG, N, CB,
             GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE, True)
     picked = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, None, 0, ROWS, K, SLOTS, N, CB, True, SLOTS1)
     sel, last = picked[0], picked[17]

@@ -533,7 +533,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), listed, redo, E_PAD=E, RENORM=bool(rule.renormalize), **shape,
-                   **{"UNROLL": True, **(_stream_opts or {})})
+                   WIDE=logits.element_size() == 4, **{"UNROLL": True, **(_stream_opts or {})})
             launch(_deepseek_v3_redo_kernel, redo_grid, logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    fd, float(rule.scaling), listed, redo, RENORM=bool(rule.renormalize), **redo_kwargs)
         else:
@@ -567,7 +567,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
             HAS_FORCE=has_mask and has_force and force_delta > 0, HAS_BOOST=has_boost,
             RENORM_BOOST=has_boost and renorm_boost, RENORM=family == 0 and bool(rule.renormalize),
-            PRECISE=precise, num_warps=warps, enable_fp_fusion=False, **opts)
+            PRECISE=precise, WIDE=logits.element_size() == 4 and not sparse, num_warps=warps, enable_fp_fusion=False,
+            **opts)
         return weights, indices
     if impl == "stream":
         why = ("a force with δ <= 0" if _streams(rule, E) else

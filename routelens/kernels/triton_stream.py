@@ -62,8 +62,8 @@ import triton.language as tl
 
 from .launch import next_pow2
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
-                            _at_cols, _ce, _exp, _finish, _from_order_bits, _order_bits, _sort8, _split8,
-                            _steered_at)
+                            _at_cols, _ce, _exp, _finish, _from_order_bits, _lanes, _order_bits, _own_max,
+                            _own_sum, _sort8, _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
@@ -82,26 +82,27 @@ def _exp2_off(zd, off_l2, PRECISE: tl.constexpr):
 
 @triton.jit
 def _load(base, cols, row_ok, E, EVEN: tl.constexpr):
-    """The logits of one chunk ``[ROWS, S, 8]``, as stored (one 16-byte load per thread for bf16)."""
+    """The logits of one chunk at ``cols`` (``_lanes``: ``[ROWS, S, 8]``, or ``[2, ROWS, S, 4]`` for 32-bit
+    logits), as stored: 16-byte loads."""
     if EVEN:
-        return tl.load(base + cols[None, :, :], mask=row_ok[:, None, None], other=0.0)
+        return tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
     else:
-        return tl.load(base + cols[None, :, :], mask=row_ok[:, None, None] & (cols < E)[None, :, :], other=0.0)
+        return tl.load(base + cols, mask=row_ok[:, None, None] & (cols < E), other=0.0)
 
 
 @triton.jit
-def _fetch(base, tabs_ptr, ch, s, c, row_ok, E, S: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr,
+def _fetch(base, tabs_ptr, ch, lanes, s, row_ok, E, S: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr,
            SP_TABLE: tl.constexpr):
     """Chunk ``ch``'s logits and, for the sparse form, its ``SDROP`` entries (``SP_TABLE``) or each thread's bits
     of the special-column word (32 columns a word) shifted to its 8 columns, issued ahead of use (``_stream``'s
     prefetch window: the table entries waited on at once measured slower than the bit test)."""
-    cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+    cols = ch * 8 * S + lanes
     raw = _load(base, cols, row_ok, E, EVEN)
     if SPARSE and SP_TABLE:
         if EVEN:
-            return raw, _at_cols(tabs_ptr + _SDROP * E, cols[None, :, :], raw.shape)
+            return raw, _at_cols(tabs_ptr + _SDROP * E, cols, raw.shape)
         else:
-            return raw, _at_cols(tabs_ptr + _SDROP * E, cols[None, :, :], raw.shape, (cols < E)[None, :, :])
+            return raw, _at_cols(tabs_ptr + _SDROP * E, cols, raw.shape, cols < E)
     elif SPARSE:
         word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
         return raw, word >> ((ch * 8 * S) % 32 + s * 8)
@@ -113,7 +114,7 @@ def _fetch(base, tabs_ptr, ch, s, c, row_ok, E, S: tl.constexpr, EVEN: tl.conste
 def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, raw=None, CANON: tl.constexpr = True,
            drop=None, special=None):
-    """One chunk ``[ROWS, S, 8]`` of the block: ``z' = z + b (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``,
+    """One chunk of the block at ``cols`` (``_lanes``; ``[ROWS, S, 8]`` or ``[2, ROWS, S, 4]``): ``z' = z + b (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``,
     which is ``z'`` plus the table row ``DROP`` when ``HAS_MASK`` (-inf at disabled and forced experts; or
     ``drop``, the sparse form's ``SDROP`` entries: -inf at every special column, unbiased ``z``), which also turns
     -0.0 into +0.0, as a float comparison sees it (so does ``CANON`` without a mask; otherwise the caller checks
@@ -124,21 +125,21 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
     if special is not None:
         z = raw.to(tl.float32)
         if not EVEN:
-            z = tl.where((cols < E)[None, :, :], z, -float("inf"))
+            z = tl.where(cols < E, z, -float("inf"))
         if CANON:
             z = z + 0.0
-        zd = tl.where(special[None, :, :], -float("inf"), z)
+        zd = tl.where(special, -float("inf"), z)
     elif EVEN:  # no column masks: the table loads stay 16-byte vectors
         z = raw.to(tl.float32)
         if HAS_BIAS:
-            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols[None, :, :], z.shape)
+            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols, z.shape)
             if HAS_BIAS_ABS:
-                zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols[None, :, :], z.shape) * tl.abs(z)
+                zb = zb + _at_cols(tabs_ptr + _BIAS_ABS * E, cols, z.shape) * tl.abs(z)
             z = zb
         if drop is not None:
             zd = z + drop
         elif HAS_MASK:  # + 0.0 where kept, which also turns -0.0 into +0.0
-            zd = z + _at_cols(tabs_ptr + _DROP * E, cols[None, :, :], z.shape)
+            zd = z + _at_cols(tabs_ptr + _DROP * E, cols, z.shape)
         elif CANON:
             zd = z + 0.0
         else:
@@ -147,16 +148,16 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
         col_ok = cols < E
         z = raw.to(tl.float32)
         if HAS_BIAS:
-            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols[None, :, :], z.shape, col_ok[None, :, :])
+            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols, z.shape, col_ok)
             if HAS_BIAS_ABS:
-                b_abs = _at_cols(tabs_ptr + _BIAS_ABS * E, cols[None, :, :], z.shape, col_ok[None, :, :])
+                b_abs = _at_cols(tabs_ptr + _BIAS_ABS * E, cols, z.shape, col_ok)
                 zb = zb + b_abs * tl.abs(z)
             z = zb
-        z = tl.where(col_ok[None, :, :], z, -float("inf"))
+        z = tl.where(col_ok, z, -float("inf"))
         if drop is not None:
             zd = z + drop
         elif HAS_MASK:
-            zd = z + _at_cols(tabs_ptr + _DROP * E, cols[None, :, :], z.shape, col_ok[None, :, :])
+            zd = z + _at_cols(tabs_ptr + _DROP * E, cols, z.shape, col_ok)
         elif CANON:
             zd = z + 0.0
         else:
@@ -250,13 +251,14 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
             E_PAD: tl.constexpr, EVEN: tl.constexpr, CB: tl.constexpr, N: tl.constexpr, SUM: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
             SPARSE: tl.constexpr, PRECISE: tl.constexpr, CANON: tl.constexpr, SP_TABLE: tl.constexpr,
-            KEY_FMA: tl.constexpr):
+            KEY_FMA: tl.constexpr, WIDE: tl.constexpr):
     """One pass over the block: per thread (``[ROWS, S]`` each) the ``N`` best keys of ``zd`` (lists of up to 4,
     or 8 [+ a 9th when N = 9]); the row max of ``z'`` (SteerMoE's force value); the offset ``off`` (the first
     chunk's max of ``z'``) and ``Σ exp(zd - off)``."""
     LOW: tl.constexpr = (1 << CB) - 1
     s = tl.arange(0, S)
     c = tl.arange(0, 8)
+    lanes = _lanes(S, WIDE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     row_max = tl.full([ROWS, S], -float("inf"), tl.float32)
     off = tl.zeros([ROWS, S], tl.float32)
@@ -266,30 +268,30 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
     NCH: tl.constexpr = E_PAD // (8 * S)
     # the next chunk's load is issued before this chunk's work (ptxas schedules the loads itself; a wider window
     # written here compiled to the same SASS)
-    nxt, nxt_sp = _fetch(base, tabs_ptr, 0, s, c, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+    nxt, nxt_sp = _fetch(base, tabs_ptr, 0, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
     for ch in tl.static_range(NCH):
-        cols = ch * 8 * S + s[:, None] * 8 + c[None, :]  # [S, 8]
+        cols = ch * 8 * S + lanes
         raw = nxt
         sp = nxt_sp
         if ch + 1 < NCH:
-            nxt, nxt_sp = _fetch(base, tabs_ptr, ch + 1, s, c, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+            nxt, nxt_sp = _fetch(base, tabs_ptr, ch + 1, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
         if SPARSE and SP_TABLE:  # special columns (steered in any way) leave: + SDROP (-inf there), unbiased
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, raw, CANON, sp)
         elif SPARSE:  # or through one test of a fixed bit per element
-            special = (sp[:, None] & (1 << c)[None, :]) != 0
+            special = ((sp[:, None] & (1 << c)[None, :]) != 0)[None, :, :]  # 16-bit logits only: 8 adjacent
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, raw, CANON, None, special)
         else:
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, raw, CANON)
         if HAS_FORCE:  # sparse form: the raw logits, biased columns included (the kernel checks those)
-            row_max = tl.maximum(row_max, tl.max(z, 2))
+            row_max = tl.maximum(row_max, _own_max(z))
         if SUM:
             if ch == 0:
-                off = tl.max(z, 2)
+                off = _own_max(z)
                 if not EVEN:  # a thread whose first chunk is all padding
                     off = tl.where(off == -float("inf"), 0.0, off)
                 off_l2 = off * _LOG2E
-            acc += tl.sum(_exp2_off(zd, off_l2[:, :, None], PRECISE), 2)
-        key = _key32(zd, cols[None, :, :], CB, KEY_FMA)
+            acc += _own_sum(_exp2_off(zd, off_l2[:, :, None], PRECISE))
+        key = _key32(zd, cols, CB, KEY_FMA)
         l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc
 
@@ -392,8 +394,7 @@ def _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROW
                   HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr):
     """The selection again with exact 64-bit keys (order bits << 32 | 2^31 - 1 - column), one streamed pass per
     pick (each takes the best key below the previous pick): ``[ROWS, SLOTS]`` int32 columns."""
-    s = tl.arange(0, S)
-    c = tl.arange(0, 8)
+    lanes = _lanes(S, False)  # a rare path: any layout, the shuffles do not matter
     slot = tl.arange(0, SLOTS)
     sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
     prev = tl.full([ROWS], 9223372036854775807, tl.int64)
@@ -401,11 +402,11 @@ def _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROW
     for j in tl.range(0, K, loop_unroll_factor=1):  # runtime loops: a rare path, kept small and register-light
         best = tl.full([ROWS, S], _TAKEN64, tl.int64)
         for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
-            cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+            cols = ch * 8 * S + lanes
             col_ok = cols < E
             _, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
             low = tl.where(col_ok, 0x7FFFFFFF - cols, 0).to(tl.int64)
-            key = (_order_bits(zd).to(tl.int64) << 32) | low[None, :, :]
+            key = (_order_bits(zd).to(tl.int64) << 32) | low
             key = tl.where(key < prev[:, None, None], key, _TAKEN64)
             best = tl.maximum(best, tl.max(key, 2))
         m = tl.max(best, 1)
@@ -419,12 +420,11 @@ def _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS: tl.con
                E_PAD: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
     """``Σ exp(zd - mx)`` per row, streamed again (the offset sums could have over- or underflowed)."""
-    s = tl.arange(0, S)
-    c = tl.arange(0, 8)
+    lanes = _lanes(S, False)
     acc = tl.zeros([ROWS, S], tl.float32)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
-        cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+        cols = ch * 8 * S + lanes
         _, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
         acc += tl.sum(_exp(zd - mx[:, None, None], PRECISE), 2)
     return tl.sum(acc, 1)
@@ -456,7 +456,8 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
                         RENORM: tl.constexpr, PRECISE: tl.constexpr, VALS: tl.constexpr,
-                        KEEP_SIGN: tl.constexpr, SP_TABLE: tl.constexpr, KEY_FMA: tl.constexpr):
+                        KEEP_SIGN: tl.constexpr, SP_TABLE: tl.constexpr, KEY_FMA: tl.constexpr,
+                        WIDE: tl.constexpr = False):
     """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2), ``SparseMixerRule`` (3); see
     the module docstring. ``scaling``: DeepSeek-V2's routed scaling factor, sparsemixer's 2ε. ``N``: list length per
     thread (k, +1 for ``LOSSY``; sparsemixer: 4 or 9, room for the keys near the picks).
@@ -464,7 +465,8 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     ``SPARSE``: the special columns (any bias or mask) leave the stream (``SP_TABLE``: through the ``SDROP`` row,
     else one bit each; ``KEY_FMA``: see the module docstring) and come back as gathers: ``n_cand`` enabled biased
     columns (``CCOL``) compete in the picks and join the sum; the ``n_drop`` disabled and forced ones (``DCOL``)
-    only count for the row max (force; ``D_BIAS``: some of them are biased)."""
+    only count for the row max (force; ``D_BIAS``: some of them are biased). ``WIDE``: 32-bit logits, each thread's
+    8 columns of a chunk as two runs of 4 (``_lanes``)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
@@ -472,7 +474,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     SUM: tl.constexpr = FAMILY < _GPT_OSS and not RENORM
     l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
         logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
-        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN, SP_TABLE, KEY_FMA and not LOSSY)
+        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN, SP_TABLE, KEY_FMA and not LOSSY, WIDE)
     if SUM:  # a thread whose best enabled score is far from its offset: its sum may have over- or underflowed
         best = _key_value(l0, CB) - off
         far = ((best > _SPAN) | ((best < -_SPAN) & (l0 != _TAKEN))).to(tl.int32)
@@ -681,8 +683,7 @@ def _sm_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, sel, zs, n_forced
     """The rounds' sums streamed again (runtime loops: rare, register-light): an expert is in round j's set when
     its 64-bit key (order bits << 32 | 2^31 - 1 - column) is at most pick j's; forced experts, which left the
     stream (-inf), add 1 to each round before theirs."""
-    s = tl.arange(0, S)
-    c = tl.arange(0, 8)
+    lanes = _lanes(S, False)
     slot = tl.arange(0, SLOTS)
     pkey = (_order_bits(zs).to(tl.int64) << 32) | (0x7FFFFFFF - sel).to(tl.int64)
     acc = tl.maximum(n_forced - slot, 0).to(tl.float32)[None, :] + tl.zeros([ROWS, SLOTS], tl.float32)
@@ -692,9 +693,9 @@ def _sm_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, sel, zs, n_forced
         kj = tl.max(tl.where(slot[None, :] == j, pkey, _TAKEN64), 1)
         a = tl.zeros([ROWS, S], tl.float32)
         for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
-            cols = ch * 8 * S + s[:, None] * 8 + c[None, :]
+            cols = ch * 8 * S + lanes
             _, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
-            key = (_order_bits(zd).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :, :]
+            key = (_order_bits(zd).to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
             term = _sm_term(zd, tj[:, None, None], jitter2, PRECISE)
             a += tl.sum(tl.where(key <= kj[:, None, None], term, 0.0), 2)
         acc += tl.where(slot[None, :] == j, tl.sum(a, 1)[:, None], 0.0)
