@@ -4,7 +4,7 @@ change before any device time is spent (the streamed kernels are fully unrolled,
 executed instructions of a block's common path; timings still need the GPU).
 
 Usage: python benchmarks/sass_stats.py FAMILY K steered|plain [DTYPE] [--package routelens.kernels] [--E 256]
-           [--dump DIR]
+           [--opts JSON] [--dump DIR]
   e.g. the kernels at a revision side by side: copy them as in kernels_ab_gpu.py, then --package out.khead
 Prints one JSON line per kernel: [name, "REGS smem SHARED", instructions, {opcode: count} (the 14 commonest)]."""
 import argparse
@@ -82,6 +82,7 @@ ap.add_argument("dtype", nargs="?", default="bfloat16")
 ap.add_argument("--package", default="routelens.kernels")
 ap.add_argument("--E", type=int, default=256)
 ap.add_argument("--T", type=int, default=65536)
+ap.add_argument("--opts", type=json.loads, default=None, help='route_kernel\'s _stream_opts, e.g. {"maxnreg": 64}')
 ap.add_argument("--dump", type=Path, default=None, help="also write each kernel's ttir, ttgir, ptx and SASS here")
 args = ap.parse_args()
 route = importlib.import_module(args.package + ".triton_route")
@@ -91,6 +92,7 @@ route._INTERPRET = True  # past the CUDA-tensor check; the kernels compile as fo
 route._PRECISE = True
 rule = make_rule(args.family, args.E, args.k, "cpu")
 tables = make_tables(args.family, args.E, args.k) if args.mode == "steered" else LayerTables.neutral(args.E)
-route.route_kernel(torch.zeros(args.T, args.E, dtype=getattr(torch, args.dtype)), rule, tables, impl="auto")
+route.route_kernel(torch.zeros(args.T, args.E, dtype=getattr(torch, args.dtype)), rule, tables, impl="auto",
+                   _stream_opts=args.opts)
 for row in launched:
     print(json.dumps(row))
