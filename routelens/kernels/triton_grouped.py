@@ -91,16 +91,13 @@ def _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.
 
 
 @triton.jit
-def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr,
-            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
-    """The choice scores of a chunk of logits at ``cols``: ``sigmoid(z') + corr``, +inf at forced and -inf at
-    disabled experts (the steered rule's choice bias, added after the correction bias: the CHOICE row with
-    ``HAS_MASK``; ``route_kernel`` folds it into ``corr`` instead, one table load a logit less)."""
+def _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+            PRECISE: tl.constexpr):
+    """The choice scores of a chunk of logits at ``cols``: ``sigmoid(z') + corr``, where ``corr`` already holds
+    +inf at forced and -inf at disabled experts (``triton_route._v3_choice_bias``: the steered rule's choice bias,
+    which it adds right after the correction bias)."""
     z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
-    c = _fast_sigmoid(z, PRECISE) + _at_cols(corr_ptr, cols, raw.shape).to(tl.float32)
-    if HAS_MASK:
-        c = c + _at_cols(tabs_ptr + _CHOICE * E, cols, raw.shape)
-    return c
+    return _fast_sigmoid(z, PRECISE) + _at_cols(corr_ptr, cols, raw.shape).to(tl.float32)
 
 
 @triton.jit
@@ -120,8 +117,7 @@ def _top2_of8(x):
 
 @triton.jit
 def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S: tl.constexpr, CPG: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
-                 PRECISE: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, PRECISE: tl.constexpr):
     """Group ``g``'s score per row, the sum of its two best choice scores (the rule's ``topk(2).sum``), and the
     larger magnitude of the two (for the error bound)."""
     a1 = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
@@ -129,7 +125,7 @@ def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S: tl.constexpr,
     for ci in tl.static_range(CPG):
         cols = (g * CPG + ci) * 8 * S + lanes
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
-        x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+        x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
         b1, b2 = _top2_of8(x)
         a1, a2 = _top2_merge(a1, a2, b1, b2)
     m1, m2 = tl.reduce((a1, a2), 1, _top2_merge)
@@ -144,12 +140,11 @@ def _key_upper(key, CB: tl.constexpr):
 
 @triton.jit
 def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S: tl.constexpr, CPG: tl.constexpr,
-                GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
+                GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, PRECISE: tl.constexpr):
     """Group ``g``'s key (score order bits, low GB bits: the group) into ``gkey``; ``mag``: the largest finite
     magnitude of a group's two best scores so far (their rounding errors scale with it)."""
     score, m12 = _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S, CPG, HAS_BIAS, HAS_BIAS_ABS,
-                              HAS_MASK, PRECISE)
+                              PRECISE)
     mag = tl.maximum(mag, tl.where(m12 < float("inf"), m12, 0.0))
     return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), mag
 
@@ -161,7 +156,8 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr, V2: tl.constexpr = False):
     """The best remaining group (the one with the largest key; all of the row when there is one group) into each
     thread's list of the N best keys; returns the lists, the group keys without it, and its key. ``V2``: the
-    choice scores are DeepSeek-V2's steered logits, else V3's sigmoid + correction."""
+    choice scores are DeepSeek-V2's steered logits (``HAS_MASK``: its CHOICE row), else V3's sigmoid + correction
+    (the mask folded in)."""
     if N_GROUP > 1:
         gm = tl.max(gkey, 1)
         gkey = tl.where(gkey == gm[:, None], _TAKEN, gkey)
@@ -175,7 +171,7 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
         if V2:
             x = _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
         else:
-            x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+            x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
         l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, cols, CB), N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
@@ -185,7 +181,7 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
                K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-               HAS_MASK: tl.constexpr, PRECISE: tl.constexpr, WIDE: tl.constexpr):
+               PRECISE: tl.constexpr, WIDE: tl.constexpr):
     """Passes 1 and 2 and the certificate (module docstring), with the fast sigmoid. Returns the ``[ROWS, SLOTS]``
     picks, their exact sigmoids, and per row whether the selection is certain. ``UNROLL``: the group loops
     unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_lanes``)."""
@@ -200,23 +196,23 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
         if UNROLL:
             for g in tl.static_range(N_GROUP):
                 gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S, CPG, GB,
-                                        HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+                                        HAS_BIAS, HAS_BIAS_ABS, PRECISE)
         else:
             for g in tl.range(0, N_GROUP, loop_unroll_factor=1, num_stages=1):
                 gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S, CPG, GB,
-                                        HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+                                        HAS_BIAS, HAS_BIAS_ABS, PRECISE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     gm = tl.zeros([ROWS], tl.int32)
     if UNROLL:  # pass 2: the kept groups, best first
         for j in tl.static_range(TOPK_GROUP):
             l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
                 l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, lanes, S, CPG, N, CB,
-                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, False, PRECISE)
     else:
         for j in tl.range(0, TOPK_GROUP, loop_unroll_factor=1, num_stages=1):
             l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
                 l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, lanes, S, CPG, N, CB,
-                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE)
+                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, False, PRECISE)
     if N_GROUP > TOPK_GROUP:  # the kept groups above the dropped ones by more than both scores' error bounds
         lo = _key_upper(gm & ~((1 << GB) - 1), 0)
         hi = _key_upper(tl.max(gkey, 1), GB)
@@ -226,10 +222,7 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
     ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
     zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, None, 0.0, HAS_BIAS, False, False)
     sg = _sigmoid(zs, PRECISE)
-    cs = sg + tl.load(corr_ptr + sel, mask=ok, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        m = tl.load(tabs_ptr + _MASK * E + sel, mask=ok, other=0.0)
-        cs = tl.where(m > 0, float("inf"), tl.where(m < 0, -float("inf"), cs))
+    cs = sg + tl.load(corr_ptr + sel, mask=ok, other=0.0).to(tl.float32)  # the mask is in corr
     low = tl.min(tl.where(ok, cs, float("inf")), 1)  # the picks' exact scores, lowest
     up = tl.where(last > _TAKEN, _key_upper(last, CB), -float("inf"))  # what was left out: its key's bucket, top
     finite = up > -float("inf")
@@ -248,12 +241,14 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
     """``DeepseekV3Rule`` (see the module docstring); E = E_PAD, groups of ``CPG`` chunks of ``8·S`` experts.
     A block with an uncertain row writes nothing: its index goes to ``redo_ptr`` (``n_redo_ptr`` counts them) for
     ``triton_route``'s exact rows kernel, launched next. (Done here, the exact paths lifted this kernel from 64 to
-    ~125 registers: a quarter of the occupancy, for ~4 % of the blocks.)"""
+    ~125 registers: a quarter of the occupancy, for ~4 % of the blocks.) The spec's mask arrives folded into
+    ``corr`` (``triton_route._v3_choice_bias``), so ``HAS_MASK`` must be off."""
+    tl.static_assert(not HAS_MASK, "DeepSeek-V3's mask rides in corr_ptr (_v3_choice_bias): launch with HAS_MASK off")
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     sel, sg, sure = _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS, S, K, SLOTS, SLOTS1,
                                CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, UNROLL, HAS_BIAS, HAS_BIAS_ABS,
-                               HAS_MASK, PRECISE, WIDE)
+                               PRECISE, WIDE)
     if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
         tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
     else:

@@ -212,15 +212,14 @@ def _v3_choice(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, corr_
                BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                PRECISE: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
-    """DeepSeek-V3 choice scores: sigmoid(z') + correction bias, ±inf at forced/disabled, -inf outside the kept
-    groups (the rule's ``masked_fill``)."""
-    z, mask, _ = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                                 HAS_BIAS, HAS_MASK, False)
+    """DeepSeek-V3 choice scores: sigmoid(z') + correction bias, ±inf at forced/disabled (folded into the bias by
+    ``_v3_choice_bias``: ``HAS_MASK`` must be off), -inf outside the kept groups (the rule's ``masked_fill``)."""
+    tl.static_assert(not HAS_MASK, "DeepSeek-V3's mask rides in corr_ptr (_v3_choice_bias): launch with HAS_MASK off")
+    z, _, _ = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
+                              HAS_BIAS, False, False)
     s = tl.math.div_rn(1.0, 1.0 + _exp(-z, PRECISE))  # PyTorch CUDA sigmoid: 1 / (1 + expf(-x))
     corr = tl.load(corr_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     c = s + corr[None, :]
-    if HAS_MASK:
-        c = tl.where(mask[None, :] > 0, float("inf"), tl.where(mask[None, :] < 0, -float("inf"), c))
     c = tl.where(col_ok[None, :], c, -float("inf"))
     if N_GROUP > 1:
         c = _group_keep(c, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, True, RESHAPE)
