@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
-                            _finish, _from_order_bits, _lanes, _rcp, _split8, _steered_at)
+                            _finish, _from_order_bits, _lanes, _own_max, _own_sum, _rcp, _split8,
+                            _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -278,7 +279,7 @@ def _rescale(off, new, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, s, c, gid, S: tl.constexpr,
+def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, lanes, gid, S: tl.constexpr,
                    CPG: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                    HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
     """DeepSeek-V2's pass 1 over group ``g``: its key (its best enabled steered logit, +inf where it holds a forced
@@ -287,19 +288,19 @@ def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, for
     ``HAS_FORCE``)."""
     best = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
     for ci in tl.static_range(CPG):
-        cols = ((g * CPG + ci) * 8 * S + s[:, None] * 8 + c[None, :])[None, :, :]
+        cols = (g * CPG + ci) * 8 * S + lanes
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
         z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
         if HAS_FORCE:
-            raw_max = tl.maximum(raw_max, tl.max(z, 2))
+            raw_max = tl.maximum(raw_max, _own_max(z))
         if HAS_MASK:  # disabled and forced experts leave the sum (forced ones come back as exp(0) each)
             z = z + _at_cols(tabs_ptr + _DROP * E, cols, raw.shape)
-        top = tl.max(z, 2)
+        top = _own_max(z)
         best = tl.maximum(best, top)
         # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
         # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
         new = tl.where(top > off + 16.0, top, off)
-        sm = sm * _rescale(off, new, PRECISE) + tl.sum(_exp_off(z, new[:, :, None], PRECISE), 2)
+        sm = sm * _rescale(off, new, PRECISE) + _own_sum(_exp_off(z, new[:, :, None], PRECISE))
         off = new
     hi = tl.maximum(hi, best)
     score = tl.max(best, 1)
@@ -314,12 +315,11 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
                EXACT: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
                CB: tl.constexpr, CPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                G_PAD: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-               HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
+               HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr, WIDE: tl.constexpr):
     """DeepSeek-V2 group-limited greedy (module docstring): the ``[ROWS, SLOTS]`` picks, their weights, and per
     row whether the selection is certain. ``EXACT``: 16-bit logits, whose keys lose nothing outside the ``n_cand``
-    enabled biased experts (listed in the table's ``CCOL`` row)."""
-    s = tl.arange(0, S)
-    c = tl.arange(0, 8)
+    enabled biased experts (listed in the table's ``CCOL`` row). ``WIDE``: 32-bit logits (``_lanes``)."""
+    lanes = _lanes(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1
     PER_GROUP: tl.constexpr = CPG * 8 * S
@@ -337,13 +337,13 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
     for g in tl.static_range(N_GROUP):  # pass 1
         forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
         gkey, off, sm, hi, raw_max = _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced,
-                                                    s, c, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK,
+                                                    lanes, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK,
                                                     HAS_FORCE, PRECISE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     gm = tl.zeros([ROWS], tl.int32)
     for j in tl.static_range(TOPK_GROUP):  # pass 2: the kept groups, best first
         l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
-            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, _lanes(S, False), S, CPG, N, CB,
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, lanes, S, CPG, N, CB,
             GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE, True)
     picked = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, None, 0, ROWS, K, SLOTS, N, CB, True, SLOTS1)
     sel, last = picked[0], picked[17]
@@ -398,14 +398,14 @@ def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, forc
                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                       HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
-                      PRECISE: tl.constexpr):
+                      PRECISE: tl.constexpr, WIDE: tl.constexpr = False):
     """``DeepseekV2Rule`` with ``group_limited_greedy`` (module docstring), the layout of ``_v3_stream_kernel``;
     an uncertain block goes to ``redo_ptr`` for ``triton_route``'s V2 rows kernel, launched next."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     sel, w, sure = _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced,
                               n_cand, EXACT, ROWS, S, K, SLOTS, SLOTS1, CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, HAS_BIAS,
-                              HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE)
+                              HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, WIDE)
     if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
         tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
     else:

@@ -539,7 +539,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             exact = logits.dtype in (torch.bfloat16, torch.float16) and n_cand <= SPARSE_MAX
             launch(_v2_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, weights, indices, T, E, fd,
                    float(rule.scaling), n_forced, n_cand, listed, redo, EXACT=exact,
-                   HAS_FORCE=has_mask and has_force, **shape, **(_stream_opts or {}))
+                   HAS_FORCE=has_mask and has_force, WIDE=logits.element_size() == 4, **shape, **(_stream_opts or {}))
             launch(_deepseek_v2_redo_kernel, redo_grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
                    float(rule.scaling), listed, redo, **redo_kwargs)
         return weights, indices
