@@ -52,19 +52,22 @@ for family in args.families.split(","):
         rule = make_rule(family, E, k, dev)
         nbytes = routed_bytes(rule, T, E, k, x0.dtype)
         for mode in args.modes.split(","):
-            tables = make_tables(family, E, k) if mode == "steered" else LayerTables.neutral(E)
             runs = []
             for label, mod, opts in versions:
+                # tables of its own for each version: route_kernel caches its device tables on the object, and
+                # versions pack them differently
+                tables = make_tables(family, E, k) if mode == "steered" else LayerTables.neutral(E)
+
                 def fn(z, r, t, mod=mod, opts=opts):
                     return mod.route_kernel(z, r, t, impl="auto", _stream_opts=opts or None)
                 chk = compare(family, rule, x0, tables, fn)
                 runs.append((label, fn, (chk["rows_set_equal"] == T, chk["rows_selection_equal"],
-                                         chk["weights_max_abs_err"]), []))
+                                         chk["weights_max_abs_err"]), [], tables))
             for _ in range(3):  # interleaved, so that drift in clocks or neighbours hits every version alike
-                for _, fn, _, times in runs:
-                    times.append(graph_time_cold_ms(lambda xi, fn=fn: fn(xi, rule, tables), xs))
+                for _, fn, _, times, tables in runs:
+                    times.append(graph_time_cold_ms(lambda xi, fn=fn, tables=tables: fn(xi, rule, tables), xs))
             row = dict(family=family, k=k, mode=mode, dtype=args.dtype, hbm_GB_per_s=hbm)
-            for label, _, ok, times in runs:
+            for label, _, ok, times, _ in runs:
                 us = min(times) * 1e3
                 row[label] = dict(us=round(us, 2), frac=round(nbytes / (us / 1e6) / 1e9 / hbm, 3), ok=ok)
             for label, *_ in runs[1:]:
