@@ -777,12 +777,12 @@ def test_stream_sparsemixer_crowded_weight_sets(E, k, dtype):
 
 # -- the streamed DeepSeek-V3 kernel (triton_grouped): fast sigmoid, certified, exact where not ---------------------
 
-def _grouped_check(z, rule, t):
+def _grouped_check(z, rule, t, opts=None):
     """The streamed kernel against the numpy oracle (ties -> lower index) and the rows kernel: same selected set,
     weights to float32 rounding."""
     from routelens.kernels.triton_route import route_kernel
 
-    w, i = _by_index(*route_kernel(z, rule, t, impl="stream"))
+    w, i = _by_index(*route_kernel(z, rule, t, impl="stream", _stream_opts=opts))
     name = "deepseek_v3" if isinstance(rule, DeepseekV3Rule) else "deepseek_v2_grouped"
     oracle = _oracle(z.float().numpy(), name, rule, t if t is not None else LayerTables.neutral(z.shape[1]), 0.01)
     ow, oi = _by_index(*map(torch.from_numpy, oracle))
@@ -808,6 +808,32 @@ def test_grouped_stream_equals_oracle(family, E, n_group, topk_group, k, dtype):
     t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, bias_abs={7: 0.25},
                 boost={per + 1: 0.5, 3: 2.0}, renormalize=True)
     _grouped_check(z, rule, t)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
+def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
+    """``ROWS_PER_THREAD`` = 2 (blocks of 16 rows, one table load for both of a thread's rows): the same selection
+    and weights; 40 rows, so the last block is part padding."""
+    from routelens.kernels import triton_route
+
+    grids = []
+    launch = triton_route.launch
+    monkeypatch.setattr(triton_route, "launch",
+                        lambda kernel, grid, *a, **c: (grids.append((kernel.fn.__name__, grid, c.get("ROWS"))),
+                                                       launch(kernel, grid, *a, **c)))
+    E, n_group, topk_group, k = 256, 8, 4, 8
+    g = torch.Generator().manual_seed(11)
+    rule = (DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
+            if family == "deepseek_v3" else _v2_grouped(E, n_group, topk_group, k))
+    z = (torch.randn(40, E, generator=g) * 2).to(dtype)
+    t = _tables(E, force=[17], disable=[0, 5, 18], bias={3: 0.75, 20: -0.5}, bias_abs={7: 0.25},
+                boost={17: 0.5, 3: 2.0}, renormalize=True)
+    for tables in (None, t):
+        _grouped_check(z, rule, tables, {"ROWS_PER_THREAD": 2})
+    streamed = [(grid, rows) for name, grid, rows in grids if name.endswith("_stream_kernel")]
+    assert streamed and all(g == (3,) and r == 16 for g, r in streamed), grids
 
 
 @interp

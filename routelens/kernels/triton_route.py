@@ -515,7 +515,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     big = T >= V3_STREAM_MIN_TOKENS if v3 else (T * E >= V2_STREAM_MIN_LOGITS and E >= V2_STREAM_MIN_EXPERTS)
     if _grouped(rule) and _streams(rule, E) and not (has_force and force_delta <= 0 and not v3) and (
             impl == "stream" or (impl == "auto" and big)):
-        s, cpg, rows = grouped_stream_config(E, int(rule.n_group), int(rule.topk_group), k)
+        opts = dict(_stream_opts or {})
+        s, cpg, rows = grouped_stream_config(E, int(rule.n_group), int(rule.topk_group), k,
+                                             opts.pop("ROWS_PER_THREAD", 1))
         g_pad = next_pow2(int(rule.n_group))
         n_blocks = cdiv(T, rows)
         redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
@@ -532,14 +534,14 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), listed, redo, E_PAD=E, RENORM=bool(rule.renormalize), **shape,
-                   WIDE=logits.element_size() == 4, **{"UNROLL": True, **(_stream_opts or {})})
+                   WIDE=logits.element_size() == 4, **{"UNROLL": True, **opts})
             launch(_deepseek_v3_redo_kernel, redo_grid, logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    fd, float(rule.scaling), listed, redo, RENORM=bool(rule.renormalize), **redo_kwargs)
         else:
             exact = logits.dtype in (torch.bfloat16, torch.float16) and n_cand <= SPARSE_MAX
             launch(_v2_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, weights, indices, T, E, fd,
                    float(rule.scaling), n_forced, n_cand, listed, redo, EXACT=exact,
-                   HAS_FORCE=has_mask and has_force, WIDE=logits.element_size() == 4, **shape, **(_stream_opts or {}))
+                   HAS_FORCE=has_mask and has_force, WIDE=logits.element_size() == 4, **shape, **opts)
             launch(_deepseek_v2_redo_kernel, redo_grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
                    float(rule.scaling), listed, redo, **redo_kwargs)
         return weights, indices
