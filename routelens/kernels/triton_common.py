@@ -141,23 +141,12 @@ def _ce(a, b):
 
 
 @triton.jit
-def _own_max(x):
-    """The max over each thread's 8 of a chunk (``_lanes``: the last dimension, or the first and last)."""
+def _own8(x):
+    """A chunk as ``[ROWS, S, 8]``, each thread's 8 in the last dimension: as is, or from ``_lanes``' ``[2, ROWS, S,
+    4]`` for 32-bit logits (its first and last dimensions, which stay in the thread's registers)."""
     if len(x.shape) == 4:
-        r = tl.max(tl.max(x, 3), 0)
-    else:
-        r = tl.max(x, 2)
-    return r
-
-
-@triton.jit
-def _own_sum(x):
-    """The sum over each thread's 8 of a chunk (as ``_own_max``)."""
-    if len(x.shape) == 4:
-        r = tl.sum(tl.sum(x, 3), 0)
-    else:
-        r = tl.sum(x, 2)
-    return r
+        x = tl.reshape(tl.permute(x, (1, 2, 3, 0)), [x.shape[1], x.shape[2], 8])
+    return x
 
 
 @triton.jit
@@ -165,8 +154,7 @@ def _split8(x):
     """The 8 entries of the last dimension (one thread's registers after a 16-byte load of bf16) as eight
     tensors without it, in the order 0, 4, 2, 6, 1, 5, 3, 7 (the callers sort or insert, so order is free); or
     of a ``[2, ROWS, S, 4]`` chunk (``_lanes`` for 32-bit logits), its first and last dimensions."""
-    if len(x.shape) == 4:
-        x = tl.permute(x, (1, 2, 3, 0))
+    x = _own8(x)
     h = tl.reshape(x, [x.shape[0], x.shape[1], 2, 2, 2])
     a, b = tl.split(h)
     a0, a1 = tl.split(a)

@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
-                            _finish, _from_order_bits, _lanes, _own_max, _own_sum, _rcp, _split8,
-                            _steered_at)
+                            _finish, _from_order_bits, _lanes, _own8, _rcp, _split8, _steered_at)
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -292,15 +291,15 @@ def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, for
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
         z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
         if HAS_FORCE:
-            raw_max = tl.maximum(raw_max, _own_max(z))
+            raw_max = tl.maximum(raw_max, tl.max(_own8(z), 2))
         if HAS_MASK:  # disabled and forced experts leave the sum (forced ones come back as exp(0) each)
             z = z + _at_cols(tabs_ptr + _DROP * E, cols, raw.shape)
-        top = _own_max(z)
+        top = tl.max(_own8(z), 2)
         best = tl.maximum(best, top)
         # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
         # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
         new = tl.where(top > off + 16.0, top, off)
-        sm = sm * _rescale(off, new, PRECISE) + _own_sum(_exp_off(z, new[:, :, None], PRECISE))
+        sm = sm * _rescale(off, new, PRECISE) + tl.sum(_own8(_exp_off(z, new[:, :, None], PRECISE)), 2)
         off = new
     hi = tl.maximum(hi, best)
     score = tl.max(best, 1)

@@ -62,8 +62,8 @@ import triton.language as tl
 
 from .launch import next_pow2
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
-                            _at_cols, _ce, _exp, _finish, _from_order_bits, _lanes, _order_bits, _own_max,
-                            _own_sum, _sort8, _split8, _steered_at)
+                            _at_cols, _ce, _exp, _finish, _from_order_bits, _lanes, _order_bits, _own8, _sort8,
+                            _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
@@ -283,14 +283,14 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
         else:
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, raw, CANON)
         if HAS_FORCE:  # sparse form: the raw logits, biased columns included (the kernel checks those)
-            row_max = tl.maximum(row_max, _own_max(z))
+            row_max = tl.maximum(row_max, tl.max(_own8(z), 2))
         if SUM:
             if ch == 0:
-                off = _own_max(z)
+                off = tl.max(_own8(z), 2)
                 if not EVEN:  # a thread whose first chunk is all padding
                     off = tl.where(off == -float("inf"), 0.0, off)
                 off_l2 = off * _LOG2E
-            acc += _own_sum(_exp2_off(zd, off_l2[:, :, None], PRECISE))
+            acc += tl.sum(_own8(_exp2_off(zd, off_l2[:, :, None], PRECISE)), 2)
         key = _key32(zd, cols, CB, KEY_FMA)
         l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc
