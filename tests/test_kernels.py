@@ -820,9 +820,11 @@ def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
 
     grids = []
     launch = triton_route.launch
-    monkeypatch.setattr(triton_route, "launch",
-                        lambda kernel, grid, *a, **c: (grids.append((kernel.fn.__name__, grid, c.get("ROWS"))),
-                                                       launch(kernel, grid, *a, **c)))
+
+    def recorded(kernel, grid, *args, **consts):
+        grids.append((kernel.fn.__name__, grid, consts.get("ROWS")))
+        launch(kernel, grid, *args, **consts)
+    monkeypatch.setattr(triton_route, "launch", recorded)
     E, n_group, topk_group, k = 256, 8, 4, 8
     g = torch.Generator().manual_seed(11)
     rule = (DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)

@@ -497,6 +497,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     fd = float(force_delta)
     precise = _PRECISE if precise is None else (precise and not _INTERPRET)
     v3 = isinstance(rule, DeepseekV3Rule)
+    wide = logits.element_size() == 4  # 32-bit logits: the streamed kernels' two-run chunk layout (_lanes)
     flags = _device[1]
     if v3 and has_mask:  # the mask rides in the correction bias: one table load a logit less, no mask selects
         corr = _v3_choice_bias(rule.correction_bias, tab, tables)
@@ -534,14 +535,14 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), listed, redo, E_PAD=E, RENORM=bool(rule.renormalize), **shape,
-                   WIDE=logits.element_size() == 4, **{"UNROLL": True, **opts})
+                   WIDE=wide, **{"UNROLL": True, **opts})
             launch(_deepseek_v3_redo_kernel, redo_grid, logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    fd, float(rule.scaling), listed, redo, RENORM=bool(rule.renormalize), **redo_kwargs)
         else:
             exact = logits.dtype in (torch.bfloat16, torch.float16) and n_cand <= SPARSE_MAX
             launch(_v2_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, weights, indices, T, E, fd,
                    float(rule.scaling), n_forced, n_cand, listed, redo, EXACT=exact,
-                   HAS_FORCE=has_mask and has_force, WIDE=logits.element_size() == 4, **shape, **opts)
+                   HAS_FORCE=has_mask and has_force, WIDE=wide, **shape, **opts)
             launch(_deepseek_v2_redo_kernel, redo_grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
                    float(rule.scaling), listed, redo, **redo_kwargs)
         return weights, indices
@@ -568,8 +569,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
             HAS_FORCE=has_mask and has_force and force_delta > 0, HAS_BOOST=has_boost,
             RENORM_BOOST=has_boost and renorm_boost, RENORM=family == 0 and bool(rule.renormalize),
-            PRECISE=precise, WIDE=logits.element_size() == 4 and not sparse, num_warps=warps, enable_fp_fusion=False,
-            **opts)
+            PRECISE=precise, WIDE=wide, num_warps=warps, enable_fp_fusion=False, **opts)
         return weights, indices
     if impl == "stream":
         why = ("a force with δ <= 0" if _streams(rule, E) else

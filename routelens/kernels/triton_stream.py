@@ -114,8 +114,8 @@ def _fetch(base, tabs_ptr, ch, lanes, s, row_ok, E, S: tl.constexpr, EVEN: tl.co
 def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, raw=None, CANON: tl.constexpr = True,
            drop=None, special=None):
-    """One chunk of the block at ``cols`` (``_lanes``; ``[ROWS, S, 8]`` or ``[2, ROWS, S, 4]``): ``z' = z + b (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``,
-    which is ``z'`` plus the table row ``DROP`` when ``HAS_MASK`` (-inf at disabled and forced experts; or
+    """One chunk of the block at ``cols`` (``_lanes``: ``[ROWS, S, 8]``, or ``[2, ROWS, S, 4]``): ``z' = z + b
+    (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``, which is ``z'`` plus the table row ``DROP`` when ``HAS_MASK`` (-inf at disabled and forced experts; or
     ``drop``, the sparse form's ``SDROP`` entries: -inf at every special column, unbiased ``z``), which also turns
     -0.0 into +0.0, as a float comparison sees it (so does ``CANON`` without a mask; otherwise the caller checks
     picks of value 0). ``special``: the sparse form's other way, one bit per column (-inf where set). ``raw``: the
