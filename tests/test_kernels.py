@@ -851,6 +851,33 @@ def test_v3_stream_ties_of_equal_scores_are_selected_exactly():
         _grouped_check(z, rule, _tables(E, disable=[1, 2], bias={4: 0.5}))
 
 
+@interp
+@pytest.mark.parametrize("redo_rows", [1, 2])
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
+def test_grouped_redo_split_into_programs_of_fewer_rows(family, redo_rows, monkeypatch):
+    """``REDO_ROWS``: the redo launch takes each flagged block of 8 rows as programs of 1 or 2 rows (a row a warp,
+    against the whole block in one 4-warp program). Coarse logits tie at the boundaries, so blocks are flagged;
+    36 rows, so the last flagged block is part padding: the oracle's selection, and the redo launched split."""
+    from routelens.kernels import triton_route
+
+    seen = []
+    launch = triton_route.launch
+
+    def recorded(kernel, grid, *args, **consts):
+        if kernel.fn.__name__.endswith("_redo_kernel"):
+            seen.append((consts["BLOCK_T"], consts["SPLIT"], consts["num_warps"]))
+        launch(kernel, grid, *args, **consts)
+    monkeypatch.setattr(triton_route, "launch", recorded)
+    E, n_group, topk_group, k = 256, 8, 4, 8
+    g = torch.Generator().manual_seed(3)
+    rule = (DeepseekV3Rule(k, n_group, topk_group, False, 1.0, torch.zeros(E)) if family == "deepseek_v3"
+            else _v2_grouped(E, n_group, topk_group, k))
+    z = torch.randint(-3, 4, (36, E), generator=g).float() / 2
+    for tables in (None, _tables(E, force=[9], disable=[1, 2], bias={4: 0.5}, boost={9: 2.0})):
+        _grouped_check(z, rule, tables, {"REDO_ROWS": redo_rows})
+    assert seen and all(s == (redo_rows, 8 // redo_rows, 1) for s in seen), seen
+
+
 def _key_bucket(x: float, bits: int) -> int:
     b = int(np.float32(x).view(np.int32))
     return (b ^ ((b >> 31) & 0x7FFFFFFF)) >> bits

@@ -242,19 +242,27 @@ def _deepseek_v3_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr
 
 
 @triton.jit
+def _redo_rows(redo_ptr, i, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr):
+    """The rows of work item ``i`` of a redo launch: part ``i % SPLIT`` of the flagged block ``redo_ptr[i // SPLIT]``
+    (of ``BLOCK_T·SPLIT`` rows)."""
+    return (tl.load(redo_ptr + i // SPLIT) * SPLIT + i % SPLIT) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
 def _deepseek_v3_redo_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
                              redo_ptr, n_redo_ptr, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_T: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr,
                              HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr,
                              RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr, PRECISE: tl.constexpr,
                              PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                             G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
-    """``_deepseek_v3_kernel`` over the blocks of ``BLOCK_T`` rows listed at ``redo_ptr`` (``n_redo_ptr`` of them,
-    read on the device: no host sync): the streamed kernel's uncertain blocks (``triton_grouped``)."""
+                             G_PAD: tl.constexpr, RESHAPE: tl.constexpr, SPLIT: tl.constexpr = 1):
+    """``_deepseek_v3_kernel`` over the blocks of ``BLOCK_T·SPLIT`` rows listed at ``redo_ptr`` (``n_redo_ptr`` of
+    them, read on the device: no host sync): the streamed kernel's uncertain blocks (``triton_grouped``), each as
+    ``SPLIT`` programs' work of ``BLOCK_T`` rows (the launch's time is one block's latency, not its throughput)."""
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
-    for i in tl.range(tl.program_id(0), tl.load(n_redo_ptr), tl.num_programs(0)):
-        rows = tl.load(redo_ptr + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+    for i in tl.range(tl.program_id(0), tl.load(n_redo_ptr) * SPLIT, tl.num_programs(0)):
+        rows = _redo_rows(redo_ptr, i, BLOCK_T, SPLIT)
         _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows,
                           rows < T, cols, col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_BOOST,
                           RENORM_BOOST, RENORM, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
@@ -300,12 +308,12 @@ def _deepseek_v2_redo_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, 
                              HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr,
                              RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr, PER_GROUP: tl.constexpr,
                              N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                             RESHAPE: tl.constexpr):
+                             RESHAPE: tl.constexpr, SPLIT: tl.constexpr = 1):
     """``_deepseek_v2_kernel`` (group-limited) over the blocks the streamed V2 kernel flagged (as V3's redo)."""
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
-    for i in tl.range(tl.program_id(0), tl.load(n_redo_ptr), tl.num_programs(0)):
-        rows = tl.load(redo_ptr + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+    for i in tl.range(tl.program_id(0), tl.load(n_redo_ptr) * SPLIT, tl.num_programs(0)):
+        rows = _redo_rows(redo_ptr, i, BLOCK_T, SPLIT)
         _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, rows < T,
                           cols, col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_FORCE, HAS_BOOST,
                           RENORM_BOOST, PRECISE, True, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
@@ -528,10 +536,14 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                      GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
                      HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, PRECISE=precise, num_warps=1,
                      enable_fp_fusion=False)
-        e_pad, _, warps = launch_config(E, T, rows)
-        redo_grid = (min(n_blocks, _redo_programs(logits.device)),)
+        # the redo launch's time is the latency of one flagged block in the rows kernel: split into programs of
+        # REDO_ROWS rows (one row a warp: no shared-memory reductions between warps)
+        redo_rows = min(rows, int(opts.pop("REDO_ROWS", rows)))
+        split = rows // redo_rows
+        e_pad, _, warps = launch_config(E, T, redo_rows)
+        redo_grid = (min(n_blocks * split, _redo_programs(logits.device) * split),)
         redo_kwargs = dict(**_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
-                           **_rows_kwargs(k, e_pad, rows, warps, flags, force_delta, precise))
+                           **_rows_kwargs(k, e_pad, redo_rows, warps, flags, force_delta, precise), SPLIT=split)
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), listed, redo, E_PAD=E, RENORM=bool(rule.renormalize), **shape,
