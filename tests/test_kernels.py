@@ -841,27 +841,46 @@ def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
 @interp
 def test_v3_stream_ties_of_equal_scores_are_selected_exactly():
     """Zero correction bias and logits on a coarse grid: many equal choice scores at the group and pick boundaries,
-    which the certificate cannot separate, so these blocks take the exact path: its tie rules (lower group, lower
+    which the certificate cannot separate, so these rows take the exact path: its tie rules (lower group, lower
     expert) against the oracle's."""
     g = torch.Generator().manual_seed(5)
     for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 8, 2, 3)):
         rule = DeepseekV3Rule(k, n_group, topk_group, False, 1.0, torch.zeros(E))
         z = torch.randint(-3, 4, (32, E), generator=g).float() / 2
-        _grouped_check(z, rule, None)
-        _grouped_check(z, rule, _tables(E, disable=[1, 2], bias={4: 0.5}))
+        for in_place in (False, True):  # a second launch, or in the stream's programs
+            _grouped_check(z, rule, None, {"IN_PLACE": in_place})
+            _grouped_check(z, rule, _tables(E, disable=[1, 2], bias={4: 0.5}), {"IN_PLACE": in_place})
+
+
+@interp
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
+def test_grouped_stream_selects_uncertain_rows_again_in_place(family, monkeypatch):
+    """Coarse float32 logits tie at the group and pick boundaries, so the certificate leaves rows uncertain; the
+    stream's program selects each again with the exact rows code, writing the rest itself: the oracle's selection
+    in every row (36 rows: the last block is part padding); the tied rows took the exact path, most others not."""
+    counts = _exact_rows(monkeypatch)
+    E, n_group, topk_group, k = 256, 8, 4, 8
+    g = torch.Generator().manual_seed(3)
+    rule = (DeepseekV3Rule(k, n_group, topk_group, False, 1.0, torch.zeros(E)) if family == "deepseek_v3"
+            else _v2_grouped(E, n_group, topk_group, k))
+    z = torch.randn(36, E, generator=g) * 2
+    z[::3] = torch.randint(-3, 4, (12, E), generator=g).float() / 2  # every third row, so blocks mix both
+    for tables in (None, _tables(E, force=[9], disable=[1, 2], bias={4: 0.5}, boost={9: 2.0})):
+        counts.clear()
+        _grouped_check(z, rule, tables)
+        assert 12 <= counts[0] < 24, counts  # the tied rows, and few of the others
 
 
 @interp
 @pytest.mark.parametrize("redo_rows", [1, 2])
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
-def test_grouped_redo_split_into_programs_of_fewer_rows(family, redo_rows, monkeypatch):
-    """``REDO_ROWS``: the redo launch takes each flagged block of 8 rows as programs of 1 or 2 rows (a row a warp,
-    against the whole block in one 4-warp program). Coarse logits tie at the boundaries, so blocks are flagged;
-    36 rows, so the last flagged block is part padding: the oracle's selection, and the redo launched split."""
+def test_grouped_redo_launch_split_into_programs_of_fewer_rows(family, redo_rows, monkeypatch):
+    """The second-launch path (``IN_PLACE`` off), ``REDO_ROWS``: each flagged block of 8 rows redone as programs of
+    1 or 2 rows (a row a warp, against the whole block in one 4-warp program): the oracle's selection (the tied
+    rows of the test above), and the redo launched split."""
     from routelens.kernels import triton_route
 
-    seen = []
-    launch = triton_route.launch
+    seen, launch = [], triton_route.launch
 
     def recorded(kernel, grid, *args, **consts):
         if kernel.fn.__name__.endswith("_redo_kernel"):
@@ -872,9 +891,10 @@ def test_grouped_redo_split_into_programs_of_fewer_rows(family, redo_rows, monke
     g = torch.Generator().manual_seed(3)
     rule = (DeepseekV3Rule(k, n_group, topk_group, False, 1.0, torch.zeros(E)) if family == "deepseek_v3"
             else _v2_grouped(E, n_group, topk_group, k))
-    z = torch.randint(-3, 4, (36, E), generator=g).float() / 2
+    z = torch.randn(36, E, generator=g) * 2
+    z[::3] = torch.randint(-3, 4, (12, E), generator=g).float() / 2
     for tables in (None, _tables(E, force=[9], disable=[1, 2], bias={4: 0.5}, boost={9: 2.0})):
-        _grouped_check(z, rule, tables, {"REDO_ROWS": redo_rows})
+        _grouped_check(z, rule, tables, {"IN_PLACE": False, "REDO_ROWS": redo_rows})
     assert seen and all(s == (redo_rows, 8 // redo_rows, 1) for s in seen), seen
 
 
@@ -925,17 +945,23 @@ def _v2_grouped(E, n_group, topk_group, k, scaling=16.0):
     return DeepseekV2Rule(k, "group_limited_greedy", n_group, topk_group, scaling)
 
 
-def _redo_count(monkeypatch) -> list:
-    """Spy on ``triton_route.launch``: the blocks each V2 redo launch was handed (its count, read after the
-    stream's launch)."""
+def _exact_rows(monkeypatch) -> list:
+    """Spy on ``triton_route.launch``, the uncertain rows selected again in place (``GROUPED_IN_PLACE``): each
+    streamed group-limited launch counts the rows it selected again exactly (its ``COUNT`` on, into a counter of
+    the spy's); the counts in launch order."""
     from routelens.kernels import triton_route
 
     counts, real = [], triton_route.launch
+    monkeypatch.setattr(triton_route, "GROUPED_IN_PLACE", True)
 
     def spy(kernel, grid, *args, **consts):
-        out = real(kernel, grid, *args, **consts)
-        if kernel is triton_route._deepseek_v2_redo_kernel:
-            counts.append(int(args[-1][0]))
+        if kernel not in (triton_route._v2_stream_kernel, triton_route._v3_stream_kernel):
+            return real(kernel, grid, *args, **consts)
+        n = torch.zeros(1, dtype=torch.int32)
+        args = list(args)
+        args[kernel.arg_names.index("n_redo_ptr")] = n
+        out = real(kernel, grid, *args, **{**consts, "COUNT": True})
+        counts.append(int(n[0]))
         return out
 
     monkeypatch.setattr(triton_route, "launch", spy)
@@ -947,7 +973,7 @@ def test_v2_grouped_stream_exact_ties_stay_in_the_stream(monkeypatch):
     """bf16 logits on a coarse grid: equal scores at the group and pick boundaries are true ties, which the exact
     keys order by index as the rule does, so no block leaves the stream; signed zeros tie too (-0.0 left out
     beside a +0.0 pick takes the exact path). The oracle breaks ties by lower group / expert."""
-    counts = _redo_count(monkeypatch)
+    counts = _exact_rows(monkeypatch)
     g = torch.Generator().manual_seed(11)
     for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 8, 2, 3)):
         rule = _v2_grouped(E, n_group, topk_group, k)
@@ -974,7 +1000,7 @@ def test_v2_grouped_stream_biased_scores_in_a_boundary_bucket_take_the_exact_pat
     keys order by index: the lower (lower-scored) expert or group would win. Such blocks must go to the exact
     path; a bias clear of the boundary buckets must not send them. Planted at the pick boundary (experts 9 vs 10)
     and at the group boundary (groups 3 vs 5)."""
-    counts = _redo_count(monkeypatch)
+    counts = _exact_rows(monkeypatch)
     from routelens.kernels.triton_route import route_kernel
 
     E, ulp2 = 64, 2 * 2.0 ** -23
@@ -986,7 +1012,7 @@ def test_v2_grouped_stream_biased_scores_in_a_boundary_bucket_take_the_exact_pat
     counts.clear()
     _grouped_check(z, rule, t)
     assert (route_kernel(z, rule, t, impl="stream")[1].sort(1).values == torch.tensor([0, 10])).all()
-    assert counts[0] == 1, counts  # the one block of 8 rows
+    assert counts[0] == 8, counts  # all 8 rows (alike)
     counts.clear()
     _grouped_check(z, rule, _tables(E, bias={30: ulp2}))  # biased, far below the boundary: stays in the stream
     assert counts == [0], counts
@@ -999,7 +1025,7 @@ def test_v2_grouped_stream_biased_scores_in_a_boundary_bucket_take_the_exact_pat
     counts.clear()
     _grouped_check(z, rule, t)
     assert (route_kernel(z, rule, t, impl="stream")[1] // 8 != 3).all()
-    assert counts[0] == 1, counts
+    assert counts[0] == 8, counts
 
 
 @interp
@@ -1014,9 +1040,9 @@ def test_v2_grouped_stream_sums_rows_that_spread_far(monkeypatch):
     _grouped_check(z, rule, None)
     _grouped_check(z, rule, _tables(E, force=[2], disable=[255], bias={100: 0.5}))
     _grouped_check(z.flip(1), rule, _tables(E, force=[2], boost={2: 3.0}))
-    counts = _redo_count(monkeypatch)
+    counts = _exact_rows(monkeypatch)
     _grouped_check(z, _v2_grouped(E, 8, 2, k), _tables(E, force=[3, 40, 200]))
-    assert counts[0] == 2, counts  # both blocks: three forced groups for two places
+    assert counts[0] == 16, counts  # every row: three forced groups for two places
 
 
 @interp

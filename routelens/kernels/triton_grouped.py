@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
                             _finish, _from_order_bits, _lanes, _own8, _rcp, _split8, _steered_at)
+from .triton_rows import _deepseek_v2_rows, _deepseek_v3_rows
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
 
@@ -231,33 +232,53 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
 
 
 @triton.jit
+def _unsure(bad, r, ROWS: tl.constexpr):
+    """Whether row ``r`` of the block is flagged in ``bad`` (``[ROWS]`` int32), as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, ROWS) == r, bad, 0), 0) != 0
+
+
+@triton.jit
 def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, scaling, redo_ptr, n_redo_ptr,
                       K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, E_PAD: tl.constexpr,
                       S: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                       HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
-                      PRECISE: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr = False):
+                      PRECISE: tl.constexpr, UNROLL: tl.constexpr, R_SLOTS: tl.constexpr, PER_GROUP: tl.constexpr,
+                      RESHAPE: tl.constexpr, WIDE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
+                      COUNT: tl.constexpr = False):
     """``DeepseekV3Rule`` (see the module docstring); E = E_PAD, groups of ``CPG`` chunks of ``8·S`` experts.
-    A block with an uncertain row writes nothing: its index goes to ``redo_ptr`` (``n_redo_ptr`` counts them) for
-    ``triton_route``'s exact rows kernel, launched next. (Done here, the exact paths lifted this kernel from 64 to
-    ~125 registers: a quarter of the occupancy, for ~4 % of the blocks.) The spec's mask arrives folded into
-    ``corr`` (``triton_route._v3_choice_bias``), so ``HAS_MASK`` must be off."""
+    The certain rows are written from the stream. ``IN_PLACE``: each uncertain one is then selected again here by
+    ``triton_rows``' exact V3 rows code, one row to the warp (``R_SLOTS``, ``PER_GROUP``, ``RESHAPE``: its tile's
+    keywords; ``COUNT``: their number added at ``n_redo_ptr``, for tests); else the block's index goes to
+    ``redo_ptr`` (``n_redo_ptr`` counts them) for ``triton_route``'s redo launch of the rows kernel, whose time is
+    the latency of one block of it (~10 µs on the H100 for 4 warps a block).
+    The spec's mask arrives folded into ``corr`` (``triton_route._v3_choice_bias``), so ``HAS_MASK`` must be off."""
     tl.static_assert(not HAS_MASK, "DeepSeek-V3's mask rides in corr_ptr (_v3_choice_bias): launch with HAS_MASK off")
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     sel, sg, sure = _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS, S, K, SLOTS, SLOTS1,
                                CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, UNROLL, HAS_BIAS, HAS_BIAS_ABS,
                                PRECISE, WIDE)
-    if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
+    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
+    w = tl.where(ok, sg, 0.0)
+    if RENORM:
+        w = tl.math.div_rn(w, (tl.sum(w, 1) + 1e-20)[:, None])
+    w = w * scaling
+    _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+    bad = (row_ok & ~sure).to(tl.int32)
+    if tl.max(bad, 0) != 0 and not IN_PLACE:
         tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
-    else:
-        ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
-        w = tl.where(ok, sg, 0.0)
-        if RENORM:
-            w = tl.math.div_rn(w, (tl.sum(w, 1) + 1e-20)[:, None])
-        w = w * scaling
-        _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+    elif tl.max(bad, 0) != 0:
+        if COUNT:
+            tl.atomic_add(n_redo_ptr, tl.sum(bad, 0))
+        cols = tl.arange(0, E_PAD)
+        for r in tl.range(0, ROWS, loop_unroll_factor=1):
+            if _unsure(bad, r, ROWS):
+                one = tl.program_id(0) * ROWS + r + tl.arange(0, 1)
+                _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, 0.0, scaling, one,
+                                  one < T, cols, cols < E, K, R_SLOTS, E_PAD, 1, CB, HAS_BIAS, False, HAS_BOOST,
+                                  RENORM_BOOST, RENORM, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
 
 
 @triton.jit
@@ -397,18 +418,32 @@ def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, forc
                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr,
                       HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
-                      PRECISE: tl.constexpr, WIDE: tl.constexpr = False):
-    """``DeepseekV2Rule`` with ``group_limited_greedy`` (module docstring), the layout of ``_v3_stream_kernel``;
-    an uncertain block goes to ``redo_ptr`` for ``triton_route``'s V2 rows kernel, launched next."""
+                      PRECISE: tl.constexpr, E_PAD: tl.constexpr, R_SLOTS: tl.constexpr, PER_GROUP: tl.constexpr,
+                      RESHAPE: tl.constexpr, R_HAS_FORCE: tl.constexpr, WIDE: tl.constexpr = False,
+                      IN_PLACE: tl.constexpr = False, COUNT: tl.constexpr = False):
+    """``DeepseekV2Rule`` with ``group_limited_greedy`` (module docstring), the layout of ``_v3_stream_kernel``, and
+    as there its uncertain rows selected again in place by ``triton_rows``' exact V2 rows code (``R_HAS_FORCE``: that
+    code's force flag, which needs δ > 0) or their blocks listed for ``triton_route``'s V2 redo launch."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     sel, w, sure = _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced,
                               n_cand, EXACT, ROWS, S, K, SLOTS, SLOTS1, CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, HAS_BIAS,
                               HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, WIDE)
-    if tl.max((row_ok & ~sure).to(tl.int32), 0) != 0:
+    _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+    bad = (row_ok & ~sure).to(tl.int32)
+    if tl.max(bad, 0) != 0 and not IN_PLACE:
         tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
-    else:
-        _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+    elif tl.max(bad, 0) != 0:
+        if COUNT:
+            tl.atomic_add(n_redo_ptr, tl.sum(bad, 0))
+        cols = tl.arange(0, E_PAD)
+        for r in tl.range(0, ROWS, loop_unroll_factor=1):
+            if _unsure(bad, r, ROWS):
+                one = tl.program_id(0) * ROWS + r + tl.arange(0, 1)
+                _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, one,
+                                  one < T, cols, cols < E, K, R_SLOTS, E_PAD, 1, CB, HAS_BIAS, HAS_MASK, R_HAS_FORCE,
+                                  HAS_BOOST, RENORM_BOOST, PRECISE, True, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD,
+                                  RESHAPE)
 
 
 def grouped_stream_config(num_experts: int, n_group: int, topk_group: int, k: int,

@@ -43,9 +43,9 @@ from routelens.steering.spec import LayerTables
 from .launch import cdiv, launch, next_pow2
 from .reference import masked_route, weights_dtype
 from .triton_grouped import _v2_stream_kernel, _v3_stream_kernel, grouped_stream_config
-from .triton_stream import SPARSE_MAX, _shift, _stream_topk_kernel, stream_config, stream_rows
-from .triton_common import (_CHOICE, _TAKEN, _TAKEN64, _ce, _exp, _finish, _order_bits, _sorted_chunks, _steered_at,
-                            _steered_logits, _sum_exp, _tile)
+from .triton_rows import _deepseek_v2_rows, _deepseek_v3_rows, _select
+from .triton_stream import SPARSE_MAX, _stream_topk_kernel, stream_config, stream_rows
+from .triton_common import _CHOICE, _exp, _finish, _steered_at, _steered_logits, _sum_exp, _tile
 
 __all__ = ["masked_route_triton", "route_kernel", "triton_available", "weights_dtype", "launch_config"]
 
@@ -60,122 +60,6 @@ _CORR_ATTR = "_routelens_v3_choice_bias"
 def triton_available() -> bool:
     """True when the kernels can run: a CUDA device, or the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _INTERPRET or torch.cuda.is_available()
-
-
-@triton.jit
-def _select_exact(score, top, cols, col_ok, BLOCK_T: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr,
-                  HAS_TOP: tl.constexpr):
-    """k rounds of a 64-bit max over (order bits of ``score`` << 32 | ~column): exact, ties -> lower column;
-    ``top`` columns first. ``[BLOCK_T, SLOTS]`` int32 columns (slots >= k unused)."""
-    okey = _order_bits(score)
-    if HAS_TOP:
-        okey = tl.where(top, 0x7FFFFFFF, okey)
-    low = tl.where(col_ok, 0x7FFFFFFF - cols, 0).to(tl.int64)
-    key = (okey.to(tl.int64) << 32) | low[None, :]
-    slot = tl.arange(0, SLOTS)
-    sel = tl.zeros([BLOCK_T, SLOTS], dtype=tl.int32)
-    for j in tl.static_range(K):
-        m = tl.max(key, 1)
-        key = tl.where(key == m[:, None], _TAKEN64, key)
-        c = 0x7FFFFFFF - (m & 0x7FFFFFFF).to(tl.int32)
-        sel = tl.where(slot[None, :] == j, c[:, None], sel)
-    return sel
-
-
-@triton.jit
-def _select(score, top, row_ok, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr,
-            SLOTS: tl.constexpr, CB: tl.constexpr, HAS_TOP: tl.constexpr):
-    """Columns of the k largest ``score`` per row, ranked, ties -> lower column; ``top`` columns (forced experts,
-    all of equal score) first in column order. Returns ``[BLOCK_T, SLOTS]`` int32 (slots >= k unused).
-
-    Fast path, 32-bit: key = order bits of the score with its low ``CB`` bits replaced by ``2^CB - 1 - column``.
-    Each thread sorts its 8 adjacent keys in registers, then k rounds take the best chunk head (one warp
-    reduction) and shift that chunk. The keys are exact when every score's low CB bits are zero (bf16/fp16 logits,
-    biases with few significant bits); otherwise only two scores agreeing in all other bits can be misordered, so
-    a row whose k+1 best keys have pairwise distinct high bits is exact too. Blocks with a row that is neither
-    (fp32 near-ties) are redone by ``_select_exact``.
-    """
-    LOW: tl.constexpr = (1 << CB) - 1
-    TOP_HIGH: tl.constexpr = 0x7FFFFFFF & ~LOW
-    bits = _order_bits(score)
-    low = tl.where(col_ok, LOW - cols, 0)
-    key = (bits & ~LOW) | low[None, :]
-    lossy = (score.to(tl.int32, bitcast=True) & LOW) != 0  # ±inf and bf16 values have zero low bits
-    if HAS_TOP:
-        key = tl.where(top, TOP_HIGH | low[None, :], key)
-        lossy = lossy & ~top
-    row_lossy = tl.max(lossy.to(tl.int32), 1)
-    h0, h1, h2, h3, h4, h5, h6, h7 = _sorted_chunks(key, BLOCK_T, E_PAD)
-    slot = tl.arange(0, SLOTS)
-    sel = tl.zeros([BLOCK_T, SLOTS], dtype=tl.int32)
-    clash = tl.zeros([BLOCK_T], dtype=tl.int32)
-    prev = tl.max(h0, 1)
-    for j in tl.static_range(K):
-        m = tl.max(h0, 1)
-        if j > 0:  # equal high bits; forced experts are equal by construction
-            clash = clash | ((((m ^ prev) & ~LOW) == 0) & ((m & ~LOW) != TOP_HIGH)).to(tl.int32)
-        prev = m
-        h0, h1, h2, h3, h4, h5, h6, h7, _ = _shift(h0 == m[:, None], h0, h1, h2, h3, h4, h5, h6, h7, _TAKEN, 8)
-        sel = tl.where(slot[None, :] == j, LOW - (m & LOW)[:, None], sel)
-    nxt = tl.max(h0, 1)
-    clash = clash | ((((nxt ^ prev) & ~LOW) == 0) & (nxt != _TAKEN)).to(tl.int32)
-    if tl.max(clash & row_lossy & row_ok.to(tl.int32), 0) != 0:
-        sel = _select_exact(score, top, cols, col_ok, BLOCK_T, K, SLOTS, HAS_TOP)
-    return sel
-
-
-@triton.jit
-def _group_keep(score, cols, col_ok, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, PER_GROUP: tl.constexpr,
-                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOP2: tl.constexpr,
-                RESHAPE: tl.constexpr):
-    """``score`` with the columns outside the ``TOPK_GROUP`` best groups set to -inf; group score = sum of its two
-    best (``TOP2``, DeepSeek-V3) or its max (DeepSeek-V2). Ties between groups -> lower group index.
-    ``RESHAPE``: groups are power-of-two runs filling ``E_PAD`` (DeepSeek-V3: 8 x 32), scored in one pass over a
-    ``[rows, groups, per group]`` view; otherwise one masked pass per group."""
-    gcols = tl.arange(0, G_PAD)
-    if RESHAPE:
-        s3 = tl.reshape(score, [BLOCK_T, G_PAD, E_PAD // G_PAD])
-        m1 = tl.max(s3, 2)
-        if TOP2:
-            at_max = s3 == m1[:, :, None]
-            n_max = tl.sum(at_max.to(tl.int32), 2)
-            m2 = tl.where(n_max > 1, m1, tl.max(tl.where(at_max, -float("inf"), s3), 2))
-            gs = m1 + m2
-        else:
-            gs = m1
-    else:
-        gid = cols // PER_GROUP
-        gs = tl.full([BLOCK_T, G_PAD], -float("inf"), dtype=tl.float32)
-        for g in tl.static_range(N_GROUP):
-            in_g = (gid == g) & col_ok
-            sg = tl.where(in_g[None, :], score, -float("inf"))
-            m1 = tl.max(sg, 1)
-            if TOP2:
-                i1 = tl.min(tl.where(in_g[None, :] & (sg == m1[:, None]), cols[None, :], E_PAD), 1)
-                m2 = tl.max(tl.where(cols[None, :] == i1[:, None], -float("inf"), sg), 1)
-                v = m1 + m2
-            else:
-                v = m1
-            gs = tl.where(gcols[None, :] == g, v[:, None], gs)
-    gkey = (_order_bits(gs).to(tl.int64) << 32) | (G_PAD - 1 - gcols)[None, :].to(tl.int64)
-    gkey = tl.where(gcols[None, :] < N_GROUP, gkey, _TAKEN64)
-    kept = gcols[None, :] < 0  # per group (RESHAPE) or per column
-    if not RESHAPE:
-        kept = cols[None, :] < 0
-    for j in tl.static_range(TOPK_GROUP):
-        m = tl.max(gkey, 1)
-        pick = gkey == m[:, None]
-        gkey = tl.where(pick, _TAKEN64, gkey)
-        if RESHAPE:
-            kept = kept | pick
-        else:
-            g = G_PAD - 1 - (m & 0x7FFFFFFF).to(tl.int32)
-            kept = kept | ((cols // PER_GROUP)[None, :] == g[:, None])
-    if RESHAPE:
-        s3 = tl.where(kept[:, :, None], tl.reshape(score, [BLOCK_T, G_PAD, E_PAD // G_PAD]), -float("inf"))
-        return tl.reshape(s3, [BLOCK_T, E_PAD])
-    else:
-        return tl.where(kept, score, -float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,25 +89,6 @@ def _softmax_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, f
     if RENORM:
         w = tl.math.div_rn(w, tl.sum(w, 1)[:, None])
     _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
-
-
-@triton.jit
-def _v3_choice(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, corr_ptr, E, force_delta,
-               BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-               PRECISE: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-               G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
-    """DeepSeek-V3 choice scores: sigmoid(z') + correction bias, ±inf at forced/disabled (folded into the bias by
-    ``_v3_choice_bias``: ``HAS_MASK`` must be off), -inf outside the kept groups (the rule's ``masked_fill``)."""
-    tl.static_assert(not HAS_MASK, "DeepSeek-V3's mask rides in corr_ptr (_v3_choice_bias): launch with HAS_MASK off")
-    z, _, _ = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                              HAS_BIAS, False, False)
-    s = tl.math.div_rn(1.0, 1.0 + _exp(-z, PRECISE))  # PyTorch CUDA sigmoid: 1 / (1 + expf(-x))
-    corr = tl.load(corr_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    c = s + corr[None, :]
-    c = tl.where(col_ok[None, :], c, -float("inf"))
-    if N_GROUP > 1:
-        c = _group_keep(c, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, True, RESHAPE)
-    return c
 
 
 @triton.jit
@@ -269,39 +134,6 @@ def _deepseek_v3_redo_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, id
 
 
 @triton.jit
-def _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows,
-                      row_ok, cols, col_ok, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr,
-                      BLOCK_T: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                      HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
-                      PRECISE: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
-                      TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
-    c = _v3_choice(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, corr_ptr, E, force_delta, BLOCK_T,
-                   E_PAD, HAS_BIAS, HAS_MASK, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
-    sel = _select(c, c > 0, row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB, False)  # forced: +inf, exact
-    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
-    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, None, force_delta, HAS_BIAS, HAS_MASK, False)
-    w = tl.where(ok, tl.math.div_rn(1.0, 1.0 + _exp(-zs, PRECISE)), 0.0)
-    if RENORM:
-        w = tl.math.div_rn(w, (tl.sum(w, 1) + 1e-20)[:, None])
-    w = w * scaling
-    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
-
-
-@triton.jit
-def _deepseek_v2_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
-                        K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
-                        HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr,
-                        GROUPED: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
-                        TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
-    """``DeepseekV2Rule``: p = softmax(z'); greedy or group-limited (group score = max p) top-k; w = p·scaling."""
-    rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
-    _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, row_ok, cols,
-                      col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_FORCE, HAS_BOOST, RENORM_BOOST,
-                      PRECISE, GROUPED, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
-
-
-@triton.jit
 def _deepseek_v2_redo_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling, redo_ptr,
                              n_redo_ptr, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_T: tl.constexpr, CB: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -320,30 +152,17 @@ def _deepseek_v2_redo_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, 
 
 
 @triton.jit
-def _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, row_ok, cols,
-                      col_ok, K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                      CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
-                      HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr,
-                      GROUPED: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
-                      TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
-    z, mask, row_max = _steered_logits(logits_ptr, stride_t, rows, row_ok, cols, col_ok, tabs_ptr, E, force_delta,
-                                       HAS_BIAS, HAS_MASK, True)
-    if HAS_FORCE:
-        mx = row_max + force_delta
-    else:
-        mx = tl.max(z, 1)
-    denom = _sum_exp(z, mx, PRECISE)
-    key = z
-    if GROUPED:
-        key = _group_keep(z, cols, col_ok, BLOCK_T, E_PAD, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, False, RESHAPE)
-    # a forced expert in a dropped group is -inf there, not first
-    sel = _select(key, (mask[None, :] > 0) & (key == z), row_ok, cols, col_ok, BLOCK_T, E_PAD, K, SLOTS, CB,
-                  HAS_FORCE)
-    ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
-    zs = _steered_at(logits_ptr, stride_t, rows, sel, ok, tabs_ptr, E, row_max, force_delta, HAS_BIAS, HAS_MASK,
-                     True)
-    w = tl.where(ok, tl.math.div_rn(_exp(zs - mx[:, None], PRECISE), denom[:, None]) * scaling, 0.0)
-    _finish(w, sel, rows, row_ok, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
+def _deepseek_v2_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
+                        K: tl.constexpr, SLOTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                        CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                        HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, PRECISE: tl.constexpr,
+                        GROUPED: tl.constexpr, PER_GROUP: tl.constexpr, N_GROUP: tl.constexpr,
+                        TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr):
+    """``DeepseekV2Rule``: p = softmax(z'); greedy or group-limited (group score = max p) top-k; w = p·scaling."""
+    rows, row_ok, cols, col_ok = _tile(T, E, BLOCK_T, E_PAD)
+    _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, rows, row_ok, cols,
+                      col_ok, K, SLOTS, E_PAD, BLOCK_T, CB, HAS_BIAS, HAS_MASK, HAS_FORCE, HAS_BOOST, RENORM_BOOST,
+                      PRECISE, GROUPED, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
 
 
 @triton.jit
@@ -516,10 +335,10 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         if corr.device != logits.device:
             corr = corr.to(logits.device)
         corr = corr.contiguous()
-    # DeepSeek-V3 and V2 grouped: the streamed kernel flags its uncertain blocks, the rows kernel redoes them in a
-    # second launch,
-    # whose one-block latency (~10 us on the H100) makes the pair slower at small T (H100, E = 256: 2x slower at
-    # 4,096 tokens, mixed at 32,768, 1.3-1.6x faster at 65,536; benchmarks/results/v3_stream_gpu.json)
+    # DeepSeek-V3 and V2 grouped: streamed; the rows the certificate leaves uncertain are selected again by the exact
+    # rows code, in place (IN_PLACE) or in a second launch over the flagged blocks. With the second launch the rows
+    # kernel is faster at small T (H100, E = 256: 2x at 4,096 tokens, mixed at 32,768; the stream 1.3-1.6x faster at
+    # 65,536: benchmarks/results/v3_stream_gpu.json)
     # V2 grouped: from 2^22 logits and E >= 128, where it won every case measured (v2_grouped_stream_gpu.json)
     big = T >= V3_STREAM_MIN_TOKENS if v3 else (T * E >= V2_STREAM_MIN_LOGITS and E >= V2_STREAM_MIN_EXPERTS)
     if _grouped(rule) and _streams(rule, E) and not (has_force and force_delta <= 0 and not v3) and (
@@ -529,34 +348,43 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                                              opts.pop("ROWS_PER_THREAD", 1))
         g_pad = next_pow2(int(rule.n_group))
         n_blocks = cdiv(T, rows)
-        redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
-        listed = redo[1:]  # the flagged blocks
+        in_place = bool(opts.pop("IN_PLACE", GROUPED_IN_PLACE))
+        redo_rows = min(rows, int(opts.pop("REDO_ROWS", rows)))
+        if in_place:  # the exact path's registers would set every block's occupancy: capped (the rare path spills)
+            opts.setdefault("maxnreg", _grouped_maxnreg(v3, has_bias or has_mask or has_boost))
+            redo = torch.empty(2, dtype=torch.int32, device=logits.device)  # not read
+        else:
+            redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
+        rows_kw = _rows_kwargs(k, E, 1, 1, flags, force_delta, precise)
         shape = dict(K=k, SLOTS=next_pow2(k), SLOTS1=next_pow2(k + 1), S=s, ROWS=rows, CB=E.bit_length() - 1,
                      CPG=cpg, N_GROUP=int(rule.n_group), TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad,
                      GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
                      HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, PRECISE=precise, num_warps=1,
-                     enable_fp_fusion=False)
-        # the redo launch's time is the latency of one flagged block in the rows kernel: split into programs of
-        # REDO_ROWS rows (one row a warp: no shared-memory reductions between warps)
-        redo_rows = min(rows, int(opts.pop("REDO_ROWS", rows)))
-        split = rows // redo_rows
-        e_pad, _, warps = launch_config(E, T, redo_rows)
-        redo_grid = (min(n_blocks * split, _redo_programs(logits.device) * split),)
-        redo_kwargs = dict(**_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
-                           **_rows_kwargs(k, e_pad, redo_rows, warps, flags, force_delta, precise), SPLIT=split)
+                     enable_fp_fusion=False, E_PAD=E, R_SLOTS=rows_kw["SLOTS"], PER_GROUP=E // int(rule.n_group),
+                     RESHAPE=_groups_fill(E, E, int(rule.n_group)), WIDE=wide, IN_PLACE=in_place)
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
-                   float(rule.scaling), listed, redo, E_PAD=E, RENORM=bool(rule.renormalize), **shape,
-                   WIDE=wide, **{"UNROLL": True, **opts})
-            launch(_deepseek_v3_redo_kernel, redo_grid, logits, logits.stride(0), tab, corr, weights, indices, T, E,
-                   fd, float(rule.scaling), listed, redo, RENORM=bool(rule.renormalize), **redo_kwargs)
+                   float(rule.scaling), redo[1:], redo, RENORM=bool(rule.renormalize), **shape,
+                   **{"UNROLL": True, **opts})
         else:
             exact = logits.dtype in (torch.bfloat16, torch.float16) and n_cand <= SPARSE_MAX
             launch(_v2_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, weights, indices, T, E, fd,
-                   float(rule.scaling), n_forced, n_cand, listed, redo, EXACT=exact,
-                   HAS_FORCE=has_mask and has_force, WIDE=wide, **shape, **opts)
-            launch(_deepseek_v2_redo_kernel, redo_grid, logits, logits.stride(0), tab, weights, indices, T, E, fd,
-                   float(rule.scaling), listed, redo, **redo_kwargs)
+                   float(rule.scaling), n_forced, n_cand, redo[1:], redo, EXACT=exact,
+                   HAS_FORCE=has_mask and has_force, R_HAS_FORCE=rows_kw["HAS_FORCE"], **shape, **opts)
+        if not in_place:
+            # the launch's time is the latency of one flagged block in the rows kernel: each block's rows split
+            # into programs of REDO_ROWS rows (1: a row a warp, no shared-memory reductions between warps)
+            split = rows // redo_rows
+            e_pad, _, warps = launch_config(E, T, redo_rows)
+            redo_grid = (min(n_blocks * split, _redo_programs(logits.device) * split),)
+            redo_kw = dict(**_group_kwargs(E, e_pad, int(rule.n_group), int(rule.topk_group)),
+                           **_rows_kwargs(k, e_pad, redo_rows, warps, flags, force_delta, precise), SPLIT=split)
+            if v3:
+                launch(_deepseek_v3_redo_kernel, redo_grid, logits, logits.stride(0), tab, corr, weights, indices, T,
+                       E, fd, float(rule.scaling), redo[1:], redo, RENORM=bool(rule.renormalize), **redo_kw)
+            else:
+                launch(_deepseek_v2_redo_kernel, redo_grid, logits, logits.stride(0), tab, weights, indices, T, E,
+                       fd, float(rule.scaling), redo[1:], redo, **redo_kw)
         return weights, indices
     # force with δ <= 0 sets the forced logits to the row max (+ δ), which a single pass does not know yet
     if impl != "rows" and not _grouped(rule) and _streams(rule, E) and not (
@@ -645,6 +473,7 @@ def stream_choices(rule, lossy: bool, sparse: bool) -> dict:
 
 V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)
 V2_STREAM_MIN_LOGITS, V2_STREAM_MIN_EXPERTS = 1 << 22, 128  # and DeepSeek-V2's group-limited greedy
+GROUPED_IN_PLACE = False  # their uncertain rows: in the stream's programs, or (False) a second launch (route_kernel)
 
 
 def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, force_delta: float,
@@ -669,6 +498,13 @@ def _redo_programs(device) -> int:
     if _INTERPRET:
         return 2
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grouped_maxnreg(v3: bool, steered: bool) -> int:
+    """The streamed group-limited kernels' register cap: what each compiled to with its exact rows in a second
+    launch (sm_90: V3 64-72 registers, V2 64 unsteered, 72-84 steered), so that the exact rows in place spill in
+    their rare path rather than cost every block occupancy (registers set it: 28 warps an SM at 72)."""
+    return 72 if v3 else 80 if steered else 64
 
 
 def _grouped(rule) -> bool:
