@@ -232,6 +232,18 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
 
 
 @triton.jit
+def _flagged(bad, redo_ptr, n_redo_ptr, IN_PLACE: tl.constexpr, COUNT: tl.constexpr):
+    """A block with uncertain rows (``bad``): listed at ``redo_ptr`` for the redo launch, or (``IN_PLACE``) counted
+    at ``n_redo_ptr`` if ``COUNT``; whether its rows are to be selected again here."""
+    any_bad = tl.max(bad, 0) != 0
+    if any_bad and not IN_PLACE:
+        tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
+    if any_bad and IN_PLACE and COUNT:
+        tl.atomic_add(n_redo_ptr, tl.sum(bad, 0))
+    return any_bad and IN_PLACE
+
+
+@triton.jit
 def _unsure(bad, r, ROWS: tl.constexpr):
     """Whether row ``r`` of the block is flagged in ``bad`` (``[ROWS]`` int32), as a scalar."""
     return tl.sum(tl.where(tl.arange(0, ROWS) == r, bad, 0), 0) != 0
@@ -267,11 +279,7 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
     w = w * scaling
     _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
     bad = (row_ok & ~sure).to(tl.int32)
-    if tl.max(bad, 0) != 0 and not IN_PLACE:
-        tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
-    elif tl.max(bad, 0) != 0:
-        if COUNT:
-            tl.atomic_add(n_redo_ptr, tl.sum(bad, 0))
+    if _flagged(bad, redo_ptr, n_redo_ptr, IN_PLACE, COUNT):
         cols = tl.arange(0, E_PAD)
         for r in tl.range(0, ROWS, loop_unroll_factor=1):
             if _unsure(bad, r, ROWS):
@@ -431,11 +439,7 @@ def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, forc
                               HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, WIDE)
     _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
     bad = (row_ok & ~sure).to(tl.int32)
-    if tl.max(bad, 0) != 0 and not IN_PLACE:
-        tl.store(redo_ptr + tl.atomic_add(n_redo_ptr, 1), tl.program_id(0))
-    elif tl.max(bad, 0) != 0:
-        if COUNT:
-            tl.atomic_add(n_redo_ptr, tl.sum(bad, 0))
+    if _flagged(bad, redo_ptr, n_redo_ptr, IN_PLACE, COUNT):
         cols = tl.arange(0, E_PAD)
         for r in tl.range(0, ROWS, loop_unroll_factor=1):
             if _unsure(bad, r, ROWS):
