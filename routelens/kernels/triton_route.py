@@ -357,11 +357,10 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
             redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
         rows_kw = _rows_kwargs(k, E, 1, 1, flags, force_delta, precise)
         shape = dict(K=k, SLOTS=next_pow2(k), SLOTS1=next_pow2(k + 1), S=s, ROWS=rows, CB=E.bit_length() - 1,
-                     CPG=cpg, N_GROUP=int(rule.n_group), TOPK_GROUP=int(rule.topk_group), G_PAD=g_pad,
-                     GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs, HAS_MASK=has_mask,
-                     HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost, PRECISE=precise, num_warps=1,
-                     enable_fp_fusion=False, E_PAD=E, R_SLOTS=rows_kw["SLOTS"], PER_GROUP=E // int(rule.n_group),
-                     RESHAPE=_groups_fill(E, E, int(rule.n_group)), WIDE=wide, IN_PLACE=in_place)
+                     CPG=cpg, GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs,
+                     HAS_MASK=has_mask, HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost,
+                     PRECISE=precise, num_warps=1, enable_fp_fusion=False, E_PAD=E, R_SLOTS=rows_kw["SLOTS"],
+                     WIDE=wide, IN_PLACE=in_place, **_group_kwargs(E, E, int(rule.n_group), int(rule.topk_group)))
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), redo[1:], redo, RENORM=bool(rule.renormalize), **shape,
