@@ -250,6 +250,32 @@ def _unsure(bad, r, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _select_again(bad, logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, force_delta, scaling,
+                  ROWS: tl.constexpr, K: tl.constexpr, R_SLOTS: tl.constexpr, E_PAD: tl.constexpr, CB: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr,
+                  RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr, PRECISE: tl.constexpr, PER_GROUP: tl.constexpr,
+                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, RESHAPE: tl.constexpr,
+                  V2: tl.constexpr):
+    """The block's rows flagged in ``bad`` selected and written again by ``triton_rows``' exact code, one row to
+    the warp (``R_SLOTS``, ``PER_GROUP``, ``RESHAPE``: the keywords of its tile): DeepSeek-V2 grouped's
+    (``V2``; ``HAS_FORCE`` its force flag, δ > 0) or V3's (``corr_ptr``, ``RENORM``)."""
+    cols = tl.arange(0, E_PAD)
+    for r in tl.range(0, ROWS, loop_unroll_factor=1):
+        if _unsure(bad, r, ROWS):
+            one = tl.program_id(0) * ROWS + r + tl.arange(0, 1)
+            if V2:
+                _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, one,
+                                  one < T, cols, cols < E, K, R_SLOTS, E_PAD, 1, CB, HAS_BIAS, HAS_MASK, HAS_FORCE,
+                                  HAS_BOOST, RENORM_BOOST, PRECISE, True, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD,
+                                  RESHAPE)
+            else:
+                _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, force_delta, scaling,
+                                  one, one < T, cols, cols < E, K, R_SLOTS, E_PAD, 1, CB, HAS_BIAS, HAS_MASK,
+                                  HAS_BOOST, RENORM_BOOST, RENORM, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD,
+                                  RESHAPE)
+
+
+@triton.jit
 def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, scaling, redo_ptr, n_redo_ptr,
                       K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, E_PAD: tl.constexpr,
                       S: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
@@ -280,13 +306,9 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
     _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
     bad = (row_ok & ~sure).to(tl.int32)
     if _flagged(bad, redo_ptr, n_redo_ptr, IN_PLACE, COUNT):
-        cols = tl.arange(0, E_PAD)
-        for r in tl.range(0, ROWS, loop_unroll_factor=1):
-            if _unsure(bad, r, ROWS):
-                one = tl.program_id(0) * ROWS + r + tl.arange(0, 1)
-                _deepseek_v3_rows(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, E, 0.0, scaling, one,
-                                  one < T, cols, cols < E, K, R_SLOTS, E_PAD, 1, CB, HAS_BIAS, False, HAS_BOOST,
-                                  RENORM_BOOST, RENORM, PRECISE, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE)
+        _select_again(bad, logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, T, E, 0.0, scaling, ROWS, K,
+                      R_SLOTS, E_PAD, CB, HAS_BIAS, False, False, HAS_BOOST, RENORM_BOOST, RENORM, PRECISE,
+                      PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE, False)
 
 
 @triton.jit
@@ -440,14 +462,9 @@ def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, forc
     _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
     bad = (row_ok & ~sure).to(tl.int32)
     if _flagged(bad, redo_ptr, n_redo_ptr, IN_PLACE, COUNT):
-        cols = tl.arange(0, E_PAD)
-        for r in tl.range(0, ROWS, loop_unroll_factor=1):
-            if _unsure(bad, r, ROWS):
-                one = tl.program_id(0) * ROWS + r + tl.arange(0, 1)
-                _deepseek_v2_rows(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, E, force_delta, scaling, one,
-                                  one < T, cols, cols < E, K, R_SLOTS, E_PAD, 1, CB, HAS_BIAS, HAS_MASK, R_HAS_FORCE,
-                                  HAS_BOOST, RENORM_BOOST, PRECISE, True, PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD,
-                                  RESHAPE)
+        _select_again(bad, logits_ptr, stride_t, tabs_ptr, None, w_ptr, idx_ptr, T, E, force_delta, scaling, ROWS, K,
+                      R_SLOTS, E_PAD, CB, HAS_BIAS, HAS_MASK, R_HAS_FORCE, HAS_BOOST, RENORM_BOOST, False, PRECISE,
+                      PER_GROUP, N_GROUP, TOPK_GROUP, G_PAD, RESHAPE, True)
 
 
 def grouped_stream_config(num_experts: int, n_group: int, topk_group: int, k: int,

@@ -352,7 +352,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         redo_rows = min(rows, int(opts.pop("REDO_ROWS", rows)))
         if in_place:  # the exact path's registers would set every block's occupancy: capped (the rare path spills)
             opts.setdefault("maxnreg", _grouped_maxnreg(v3, has_bias or has_mask or has_boost))
-            redo = torch.empty(2, dtype=torch.int32, device=logits.device)  # not read
+            redo = indices  # a stand-in: in place, the stream neither reads nor writes the redo list
         else:
             redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
         rows_kw = _rows_kwargs(k, E, 1, 1, flags, force_delta, precise)
