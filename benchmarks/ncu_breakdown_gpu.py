@@ -5,11 +5,14 @@ that binds (a launch's latency, L1 wavefronts, a pipe) rather than at instructio
 
 Usage: python3 benchmarks/ncu_breakdown_gpu.py 'deepseek_v3 --k 8 --steered --dtype float32' ['...' ...]
            [--out DIR] [--top 8]
+  (a configuration takes ``profile_call_gpu.py``'s arguments, its stream options quoted for shlex:
+   "deepseek_v3 --k 8 --opts '{\"IN_PLACE\": true}'")
 Prints per configuration and kernel: duration (µs), instructions, warps active, and the busiest sub-metrics of
 each breakdown; ``--out`` keeps ncu's raw CSV per configuration."""
 import argparse
 import csv
 import io
+import re
 import shlex
 import subprocess
 import sys
@@ -33,7 +36,8 @@ def profile(config: str, calls: int, out: Path | None) -> list[dict]:
     text = res.stdout
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / (config.replace(" ", "_").replace("-", "") + ".csv")).write_text(text + res.stderr[-4000:])
+        # a plain file name (the device hands back only those): options' quotes and braces go
+        (out / (re.sub(r"[^A-Za-z0-9_.]+", "_", config).strip("_") + ".csv")).write_text(text + res.stderr[-4000:])
     start = text.find('"ID"')
     if start < 0:
         print("ncu gave no table:", res.stderr[-2000:], text[-2000:])

@@ -5,14 +5,15 @@
         python3 benchmarks/profile_call_gpu.py deepseek_v3 --k 8 --steered --dtype float32
 
 The family, k, E and T as in ``steer_kernels_gpu.py`` (its rules and the benchmark's spec); the logits are fresh
-Gaussians of ``--dtype``."""
+Gaussians of ``--dtype``; ``--opts``: ``route_kernel``'s ``_stream_opts`` (e.g. '{"IN_PLACE": true}')."""
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from steer_kernels_gpu import FAMILIES, make_rule, make_tables  # noqa: E402
 
 from routelens.kernels.triton_route import route_kernel  # noqa: E402
@@ -27,12 +28,13 @@ ap.add_argument("--steered", action="store_true")
 ap.add_argument("--dtype", default="bfloat16")
 ap.add_argument("--impl", default="auto")
 ap.add_argument("--calls", type=int, default=4)
+ap.add_argument("--opts", type=json.loads, default=None)
 args = ap.parse_args()
 dev = torch.device("cuda")
 rule = make_rule(args.family, args.E, args.k, dev)
 tables = make_tables(args.family, args.E, args.k) if args.steered else LayerTables.neutral(args.E)
 x = torch.randn(args.T, args.E, generator=torch.Generator().manual_seed(0)).to(getattr(torch, args.dtype)).to(dev)
 for _ in range(args.calls):
-    route_kernel(x, rule, tables, impl=args.impl)
+    route_kernel(x, rule, tables, impl=args.impl, _stream_opts=args.opts)
 torch.cuda.synchronize()
 print("done", args)
