@@ -725,7 +725,7 @@ def test_stream_choices_flipped_agree_with_the_reference(name, k, flip):
     z[8:] = (-0.125 * (1 + torch.stack([torch.randperm(E, generator=g) for _ in range(8)]).float())).to(z.dtype)
     steered = _tables(E, force=[5], disable=[2, 40, 41], bias={9: 0.25, 33: -0.5})
     for sparse, t in ((False, _tables(E)), (True, steered)):
-        opts = stream_choices(rule, lossy=False, sparse=sparse)  # bf16 logits: exact keys
+        opts = stream_choices(rule, lossy=False, sparse=sparse, n_forced=int(sparse))  # bf16: exact keys; force=[5]
         opts[flip] = not opts[flip]
         _assert_same(name, *route_kernel(z, rule, t, impl="stream", _stream_opts=opts), *masked_route(z, rule, t),
                      rtol=8e-3, atol=1e-6)  # unsteered, the reference is the rule on the bf16 logits

@@ -394,7 +394,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         # the sparse form needs exact stream keys: its special columns compare exactly against them
         sparse = exact_keys and (has_bias or has_mask) and n_cand + n_drop <= SPARSE_MAX and s <= 4
         lossy = (has_bias and not sparse) or not exact_keys
-        opts = stream_choices(rule, lossy, sparse)
+        opts = stream_choices(rule, lossy, sparse, n_forced)
         opts.update(_stream_opts or {})
         param = float(rule.scaling) if family == 1 else float(2 * rule.jitter_eps) if family == 3 else 1.0
         launch(
@@ -446,7 +446,7 @@ def stream_family(rule) -> int:
             else 2 if isinstance(rule, GptOssRule) else 3)
 
 
-def stream_choices(rule, lossy: bool, sparse: bool) -> dict:
+def stream_choices(rule, lossy: bool, sparse: bool, n_forced: int = 0) -> dict:
     """The streamed kernel's code-generation choices for ``rule``, measured side by side on the H100
     (``benchmarks/stream_variants_gpu.py``):
 
@@ -455,7 +455,14 @@ def stream_choices(rule, lossy: bool, sparse: bool) -> dict:
       for k > 4 where the stream sums the row's softmax (``stream_variants_gpu.json``); without a row sum, for
       k <= 4 in the sparse form (``sparse``), where the other way compiled to ~155 registers against 64 (gpt-oss
       k = 2/4 steered: 59/50 % of HBM against 63/58 %; unsteered it is 2-6 % slower: ``stream_keep_gpu.json``);
-    - ``N``: the list length per thread (sparsemixer: room for the keys near the picks, its weights' sets);
+    - ``N``: the list length per thread (4 at most by insertion, else 8 or 9 by merging sorted chunks). Sparsemixer
+      needs room for the keys near the picks (its weights' sets): a thread whose list fills within the window
+      sends its block to the rare second pass (``triton_stream._sm_again``, a runtime loop whose latency a
+      straggling block adds to the call). Lists of 4 serve one free pick (the others ``n_forced``); two free
+      picks (k = 2 unforced) overflowed them in 0.6 % of the blocks of Gaussian bf16 rows (T = 65,536, E = 256;
+      ``benchmarks/sparsemixer_lists.py``), and k = 4 with lists of 9 ran faster than k = 2 with 4 (24.8 against
+      28.2 µs, ``stream_keep_gpu.json``). Lists of 8 overflowed in none of those blocks for up to 4 free picks
+      (9: for more; at 8 free picks lists of 8 overflowed in 0.5 % of them, lists of 9 in 0.02 %);
     - ``SP_TABLE``, ``KEY_FMA`` (``stream_pipes_gpu.json``): the streams bound by the integer pipe (the lists'
       min/max) take the sparse form's special columns out through a table row added per logit (the FMA pipe)
       rather than a bit test and select, and, without a row sum (whose exponentials load the FMA pipe and the
@@ -465,7 +472,7 @@ def stream_choices(rule, lossy: bool, sparse: bool) -> dict:
     sum cancels (the weights are a softmax over the k picks, as gpt-oss's), so that stream is gpt-oss's."""
     family, k = stream_family(rule), rule.k
     sums = family == 1 or (family == 0 and not rule.renormalize)
-    n = k + lossy if family < 3 else 4 if k + lossy < 4 else 9
+    n = k + lossy if family < 3 else 4 if k - n_forced <= 1 else 8 if k - n_forced <= 4 else 9
     keep_sign = not lossy and (k > 4 if sums else sparse and k <= 4)
     return dict(VALS=k <= 4, KEEP_SIGN=keep_sign, N=n, SP_TABLE=not sums or n >= 4, KEY_FMA=not sums)
 
