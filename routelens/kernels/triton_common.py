@@ -6,14 +6,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# rows of the packed [11, E] float32 table: the spec's four (mask -1/0/+1, bias, bias_abs, boost) and seven derived
+# rows of the packed [12, E] float32 table: the spec's four (mask -1/0/+1, bias, bias_abs, boost) and eight derived
 # for the streamed kernels, so that no mask test runs per element: DROP (-inf at disabled and forced experts, else
 # 0: what leaves the selection and the softmax sum), as int32 bits FCOL (the forced columns, ascending), SPW (one
 # bit per special column: any bias or mask, 32 columns a word), CCOL (the enabled special columns: biased), DCOL
-# (the disabled and forced columns), each list followed by zeros; SDROP (-inf at the special columns, else 0); and
-# CHOICE (+inf at forced, -inf at disabled experts, else 0: added, the mask's choice order in one float add)
-_MASK, _BIAS, _BIAS_ABS, _BOOST, _DROP, _FCOL, _SPW, _CCOL, _DCOL, _SDROP, _CHOICE = (tl.constexpr(i)
-                                                                                  for i in range(11))
+# (the disabled and forced columns), each list followed by zeros; SDROP (-inf at the special columns, else 0);
+# CHOICE (+inf at forced, -inf at disabled experts, else 0: added, the mask's choice order in one float add); and
+# BCHOICE (bias + CHOICE: the biased choice order in one load and add, where no bias_abs is set; z + (b + c) is
+# (z + b) + c for c in {0, ±inf}, signed zeros included)
+_MASK, _BIAS, _BIAS_ABS, _BOOST, _DROP, _FCOL, _SPW, _CCOL, _DCOL, _SDROP, _CHOICE, _BCHOICE = (
+    tl.constexpr(i) for i in range(12))
 _TAKEN = tl.constexpr(-2147483648)  # int32 min: below every selection key (the key of -inf is above it)
 _TAKEN64 = tl.constexpr(-9223372036854775807)
 _LOG2E = tl.constexpr(1.4426950408889634)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
+from .triton_common import (_BCHOICE, _BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
                             _finish, _from_order_bits, _lanes, _own8, _rcp, _split8, _steered_at)
 from .triton_rows import _deepseek_v2_rows, _deepseek_v3_rows
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
@@ -93,7 +93,11 @@ def _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.
                HAS_MASK: tl.constexpr):
     """DeepSeek-V2's choice order at a chunk: the biased logits, +inf at forced and -inf at disabled experts (the
     table's CHOICE row added: one float add for the mask's two selects; it also turns -0.0 into +0.0, which a float
-    comparison, the rule's, does not tell apart)."""
+    comparison, the rule's, does not tell apart). Biased and masked without ``bias_abs``: the BCHOICE row (bias +
+    CHOICE), one table gather a logit instead of two (pass 2's rows keep different groups, so each of its table
+    loads costs L1 as many wavefronts as the logits' own)."""
+    if HAS_BIAS and HAS_MASK and not HAS_BIAS_ABS:
+        return raw.to(tl.float32) + _at_cols(tabs_ptr + _BCHOICE * E, cols, raw.shape)
     z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
     if HAS_MASK:
         z = z + _at_cols(tabs_ptr + _CHOICE * E, cols, raw.shape)

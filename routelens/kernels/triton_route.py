@@ -244,7 +244,7 @@ def _groups_fill(E: int, e_pad: int, n_group: int) -> bool:
 
 
 def _device_tables(tables: LayerTables, device: torch.device) -> tuple[Tensor, tuple[bool, ...]]:
-    """The packed ``[11, E]`` float32 table (``triton_common``'s rows) on ``device`` and the flags (has_bias, has_mask,
+    """The packed ``[12, E]`` float32 table (``triton_common``'s rows) on ``device`` and the flags (has_bias, has_mask,
     has_boost, renormalize, forced experts, has_bias_abs, and ``stream_rows``' counts).
 
     Cached on the tables object: a steered model routes every forward with the same tables, and copying a pageable

@@ -719,7 +719,7 @@ SPARSE_MAX = 64  # special columns beyond which the dense tables (one load per c
 
 def stream_rows(mask: np.ndarray, bias: np.ndarray, bias_abs: np.ndarray
                 ) -> tuple[np.ndarray, tuple[int, int, bool]]:
-    """The derived table rows DROP, FCOL, SPW, CCOL, DCOL, SDROP, CHOICE (see ``triton_common``) of a layer, ``[7, E]``
+    """The derived table rows DROP, FCOL, SPW, CCOL, DCOL, SDROP, CHOICE, BCHOICE (``triton_common``) of a layer, ``[8, E]``
     float32 (FCOL..DCOL as int32 bits), and for the sparse form: the counts of enabled biased columns and of
     disabled and forced columns, and whether any of the latter is biased."""
     E = mask.shape[0]
@@ -738,5 +738,6 @@ def stream_rows(mask: np.ndarray, bias: np.ndarray, bias_abs: np.ndarray
     drop_biased = bool(((bias != 0) | (bias_abs != 0))[dropped].any())
     sdrop = np.where(special, -np.inf, 0.0).astype(np.float32)
     choice = np.where(mask > 0, np.inf, np.where(mask < 0, -np.inf, 0.0)).astype(np.float32)
-    return (np.concatenate([drop[None], rows.view(np.float32), sdrop[None], choice[None]]),
+    bchoice = (bias.astype(np.float32) + choice).astype(np.float32)
+    return (np.concatenate([drop[None], rows.view(np.float32), sdrop[None], choice[None], bchoice[None]]),
             (int(cand.size), int(dropped.size), drop_biased))
