@@ -348,8 +348,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                                              opts.pop("ROWS_PER_THREAD", 1))
         g_pad = next_pow2(int(rule.n_group))
         n_blocks = cdiv(T, rows)
-        in_place = bool(opts.pop("IN_PLACE", GROUPED_IN_PLACE))
-        redo_rows = min(rows, int(opts.pop("REDO_ROWS", rows)))
+        in_place = bool(opts.pop("IN_PLACE", GROUPED_IN_PLACE["deepseek_v3" if v3 else "deepseek_v2"]))
+        redo_rows = min(rows, int(opts.pop("REDO_ROWS", GROUPED_REDO_ROWS)))
         if in_place:  # the exact path's registers would set every block's occupancy: capped (the rare path spills)
             opts.setdefault("maxnreg", _grouped_maxnreg(v3, has_bias or has_mask or has_boost))
             redo = indices  # a stand-in: in place, the stream neither reads nor writes the redo list
@@ -479,7 +479,12 @@ def stream_choices(rule, lossy: bool, sparse: bool, n_forced: int = 0) -> dict:
 
 V3_STREAM_MIN_TOKENS = 65536  # "auto" streams DeepSeek-V3 from here (see route_kernel)
 V2_STREAM_MIN_LOGITS, V2_STREAM_MIN_EXPERTS = 1 << 22, 128  # and DeepSeek-V2's group-limited greedy
-GROUPED_IN_PLACE = False  # their uncertain rows: in the stream's programs, or (False) a second launch (route_kernel)
+# where their uncertain rows are selected again (route_kernel), measured side by side on the H100 (float32, T = 65,536,
+# E = 256: benchmarks/results/redo_ab_fp32_gpu.jsonl): V2 grouped in the stream's own programs (0.73-0.83x the
+# second launch's time), DeepSeek-V3 in a second launch of one row a program (REDO_ROWS = 1: 0.79-0.93x the launch
+# of whole blocks; in place it took 0.91-0.99x at k = 8 but 1.33-1.35x at k = 2)
+GROUPED_IN_PLACE = {"deepseek_v3": False, "deepseek_v2": True}
+GROUPED_REDO_ROWS = 1
 
 
 def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, force_delta: float,
