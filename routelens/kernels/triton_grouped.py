@@ -303,7 +303,7 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
     ``triton_rows``' exact V3 rows code, one row to the warp (``R_SLOTS``, ``PER_GROUP``, ``RESHAPE``: its tile's
     keywords; ``COUNT``: their number added at ``n_redo_ptr``, for tests); else the block's index goes to
     ``redo_ptr`` (``n_redo_ptr`` counts them) for ``triton_route``'s redo launch of the rows kernel, whose time is
-    the latency of one block of it (~10 µs on the H100 for 4 warps a block).
+    the latency of one flagged row in it (``REDO_ROWS`` = 1, V3's default: a row a program).
     The spec's mask arrives folded into ``corr`` (``triton_route._v3_choice_bias``), so ``HAS_MASK`` must be off."""
     tl.static_assert(not HAS_MASK, "DeepSeek-V3's mask rides in corr_ptr (_v3_choice_bias): launch with HAS_MASK off")
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

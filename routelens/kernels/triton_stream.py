@@ -460,7 +460,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         WIDE: tl.constexpr = False):
     """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2), ``SparseMixerRule`` (3); see
     the module docstring. ``scaling``: DeepSeek-V2's routed scaling factor, sparsemixer's 2ε. ``N``: list length per
-    thread (k, +1 for ``LOSSY``; sparsemixer: 4 or 9, room for the keys near the picks).
+    thread (k, +1 for ``LOSSY``; sparsemixer: 4, 8 or 9, room for the keys near the picks: ``triton_route.stream_choices``).
 
     ``SPARSE``: the special columns (any bias or mask) leave the stream (``SP_TABLE``: through the ``SDROP`` row,
     else one bit each; ``KEY_FMA``: see the module docstring) and come back as gathers: ``n_cand`` enabled biased
