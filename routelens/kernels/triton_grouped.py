@@ -17,10 +17,11 @@ bandwidth at T = 65,536, E = 256, k = 8. Here:
 3. Certificate, per row: the picks' exact choice scores (recomputed from their logits, as PyTorch does) must all lie
    above the (k+1)-th key's bucket plus the fast sigmoid's error bound (``_slack``), and the kept groups' scores
    above the dropped ones' by twice the bound. Then the exact selection is this one (its order within the k aside:
-   DeepSeek-V3 returns ``sorted=False``; here by fast-score rank). A block with any row that fails (near-ties
-   within ~2^-16, ties of equal scores at the boundary, fewer than k+1 finite scores in the kept groups) is
-   selected again exactly by ``triton_route``'s rows kernel (exact sigmoid; ties -> lower group / expert, as
-   ``torch.topk`` on CUDA), in a second launch over the blocks this one flagged.
+   DeepSeek-V3 returns ``sorted=False``; here by fast-score rank). A row that fails (near-ties within ~2^-16,
+   ties of equal scores at the boundary, fewer than k+1 finite scores in the kept groups) is selected again by the
+   exact rows code (``triton_rows``: exact sigmoid; ties -> lower group / expert, as ``torch.topk`` on CUDA): for
+   V3 in ``triton_route``'s second launch over the blocks this one flagged, a row a program; with ``IN_PLACE``
+   (V2's default) here, in the stream's own program (``triton_route.GROUPED_IN_PLACE``, measured per family).
 
 The weights are always the exact sigmoid of the picked logits, renormalised (+1e-20) and scaled as the rule does.
 
@@ -30,8 +31,8 @@ are true ties, ordered by index as the rule's) except at the few biased experts,
 low bits: a boundary whose two sides share a key bucket is certain unless a biased expert's score falls in it (bf16
 logits tie often: without this, every second block of T = 256 random rows went to the exact path). Pass 1 also sums the row's softmax, each thread against its running max (one extra ``ex2`` per
 chunk instead of a fallback when the logits spread), and keeps the row max before masking (SteerMoE's force value,
-only when something is forced); a group holding a forced expert scores +inf. Its uncertain blocks go to
-``triton_route``'s V2 rows kernel. Weights: ``exp(z' - max) / Σ · scaling``, the numerators IEEE as there.
+only when something is forced); a group holding a forced expert scores +inf. Its uncertain rows go to the V2
+rows code. Weights: ``exp(z' - max) / Σ · scaling``, the numerators IEEE as there.
 """
 from __future__ import annotations
 
