@@ -838,6 +838,37 @@ def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
     assert streamed and all(g == (3,) and r == 16 for g, r in streamed), grids
 
 
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
+def test_grouped_stream_resident_rows_and_streamed_pass_2_agree(family, dtype, monkeypatch):
+    """``RESIDENT`` (a chunk a group, at most 8 groups: the row's choice scores kept in registers for pass 2) is
+    the default where it applies and not elsewhere; with it on or off, the oracle's selection and weights."""
+    from routelens.kernels import triton_route
+
+    seen = []
+    launch = triton_route.launch
+
+    def recorded(kernel, grid, *args, **consts):
+        if kernel.fn.__name__.endswith("_stream_kernel"):
+            seen.append((consts["N_GROUP"], consts["CPG"], consts["RESIDENT"]))
+        launch(kernel, grid, *args, **consts)
+    monkeypatch.setattr(triton_route, "launch", recorded)
+    g = torch.Generator().manual_seed(21)
+    for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 4, 2, 3), (256, 4, 2, 4)):
+        rule = (DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
+                if family == "deepseek_v3" else _v2_grouped(E, n_group, topk_group, k))
+        z = (torch.randn(20, E, generator=g) * 2).to(dtype)
+        per = E // n_group
+        t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, boost={3: 2.0})
+        seen.clear()
+        _grouped_check(z, rule, t)
+        assert seen and all(r == (cpg == 1) for _, cpg, r in seen), seen
+        if seen[0][2]:
+            for tables in (None, t):
+                _grouped_check(z, rule, tables, {"RESIDENT": False})
+
 @interp
 def test_v3_stream_ties_of_equal_scores_are_selected_exactly():
     """Zero correction bias and logits on a coarse grid: many equal choice scores at the group and pick boundaries,

@@ -131,20 +131,15 @@ def _top2_of8(x):
 
 
 @triton.jit
-def _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S: tl.constexpr, CPG: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, PRECISE: tl.constexpr):
-    """Group ``g``'s score per row, the sum of its two best choice scores (the rule's ``topk(2).sum``), and the
-    larger magnitude of the two (for the error bound)."""
-    a1 = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
-    a2 = a1
-    for ci in tl.static_range(CPG):
-        cols = (g * CPG + ci) * 8 * S + lanes
-        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
-        x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
-        b1, b2 = _top2_of8(x)
-        a1, a2 = _top2_merge(a1, a2, b1, b2)
+def _group_key(gkey, mag, a1, a2, g, gid, GB: tl.constexpr):
+    """Group ``g``'s key into ``gkey`` from each thread's two best choice scores of it (``a1 >= a2``, ``[ROWS, S]``):
+    the S threads' pairs merged, their sum (the rule's ``topk(2).sum``) as order bits with the group in the low GB
+    bits; ``mag``: the largest finite magnitude of a group's two best scores so far (their rounding errors scale
+    with it)."""
     m1, m2 = tl.reduce((a1, a2), 1, _top2_merge)
-    return m1 + m2, tl.maximum(tl.abs(m1), tl.abs(m2))
+    m12 = tl.maximum(tl.abs(m1), tl.abs(m2))
+    mag = tl.maximum(mag, tl.where(m12 < float("inf"), m12, 0.0))
+    return tl.where(gid[None, :] == g, _key32(m1 + m2, g, GB)[:, None], gkey), mag
 
 
 @triton.jit
@@ -156,12 +151,84 @@ def _key_upper(key, CB: tl.constexpr):
 @triton.jit
 def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S: tl.constexpr, CPG: tl.constexpr,
                 GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, PRECISE: tl.constexpr):
-    """Group ``g``'s key (score order bits, low GB bits: the group) into ``gkey``; ``mag``: the largest finite
-    magnitude of a group's two best scores so far (their rounding errors scale with it)."""
-    score, m12 = _group_score(base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, S, CPG, HAS_BIAS, HAS_BIAS_ABS,
-                              PRECISE)
-    mag = tl.maximum(mag, tl.where(m12 < float("inf"), m12, 0.0))
-    return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), mag
+    """Group ``g``'s key into ``gkey`` (``_group_key``), its ``CPG`` chunks streamed."""
+    a1 = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
+    a2 = a1
+    for ci in tl.static_range(CPG):
+        cols = (g * CPG + ci) * 8 * S + lanes
+        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        b1, b2 = _top2_of8(_choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE))
+        a1, a2 = _top2_merge(a1, a2, b1, b2)
+    return _group_key(gkey, mag, a1, a2, g, gid, GB)
+
+
+@triton.jit
+def _v3_group_resident(gkey, mag, raw, g: tl.constexpr, lanes, gid, tabs_ptr, corr_ptr, E, S: tl.constexpr,
+                       GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+                       PRECISE: tl.constexpr):
+    """Group ``g``'s key from its one chunk of logits ``raw`` (``RESIDENT``), and the chunk's choice scores, which
+    stay in registers for pass 2."""
+    x = _choice(raw, g * 8 * S + lanes, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
+    a1, a2 = _top2_of8(x)
+    gkey, mag = _group_key(gkey, mag, a1, a2, g, gid, GB)
+    return gkey, mag, x
+
+
+@triton.jit
+def _load_row(base, row_ok, lanes, S: tl.constexpr, NCH: tl.constexpr):
+    """A row's ``NCH`` (<= 8) chunks of ``8·S`` logits, loaded before any is used, so that their HBM latencies
+    overlap (``RESIDENT``); the chunks past NCH repeat the first (never used)."""
+    ok = row_ok[:, None, None]
+    r0 = tl.load(base + lanes, mask=ok, other=0.0)
+    r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
+    if NCH > 1:
+        r1 = tl.load(base + 8 * S + lanes, mask=ok, other=0.0)
+    if NCH > 2:
+        r2 = tl.load(base + 16 * S + lanes, mask=ok, other=0.0)
+        r3 = tl.load(base + 24 * S + lanes, mask=ok, other=0.0)
+    if NCH > 4:
+        r4 = tl.load(base + 32 * S + lanes, mask=ok, other=0.0)
+        r5 = tl.load(base + 40 * S + lanes, mask=ok, other=0.0)
+        r6 = tl.load(base + 48 * S + lanes, mask=ok, other=0.0)
+        r7 = tl.load(base + 56 * S + lanes, mask=ok, other=0.0)
+    return r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@triton.jit
+def _next_group(gkey, row_ok, GB: tl.constexpr, N_GROUP: tl.constexpr):
+    """The best remaining group per row (all of the row when there is one group): the group keys without it, its
+    key and its index."""
+    if N_GROUP > 1:
+        gm = tl.max(gkey, 1)
+        gkey = tl.where(gkey == gm[:, None], _TAKEN, gkey)
+        g = (1 << GB) - 1 - (gm & ((1 << GB) - 1))
+    else:
+        gm = tl.zeros([row_ok.shape[0]], tl.int32)
+        g = gm
+    return gkey, gm, g
+
+
+@triton.jit
+def _kept_resident(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, row_ok, x0, x1, x2, x3, x4, x5, x6, x7, lanes,
+                   S: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, GB: tl.constexpr, N_GROUP: tl.constexpr):
+    """``_kept_into`` from registers (``RESIDENT``: a chunk a group, ``x0`` ... its choice scores): the best remaining
+    group's chunk, picked per row by a select per group, into each thread's list of the N best keys. No load: the
+    streamed pass 2's rows keep different groups, so each of its per-column gathers cost L1 a wavefront per row."""
+    gkey, gm, g = _next_group(gkey, row_ok, GB, N_GROUP)
+    gi = g[:, None, None]
+    x = x0
+    if N_GROUP > 1:
+        x = tl.where(gi == 1, x1, x)
+    if N_GROUP > 2:
+        x = tl.where(gi == 2, x2, x)
+        x = tl.where(gi == 3, x3, x)
+    if N_GROUP > 4:
+        x = tl.where(gi == 4, x4, x)
+        x = tl.where(gi == 5, x5, x)
+        x = tl.where(gi == 6, x6, x)
+        x = tl.where(gi == 7, x7, x)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, gi * 8 * S + lanes, CB), N)
+    return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
 
 @triton.jit
@@ -173,13 +240,7 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
     thread's list of the N best keys; returns the lists, the group keys without it, and its key. ``V2``: the
     choice scores are DeepSeek-V2's steered logits (``HAS_MASK``: its CHOICE row), else V3's sigmoid + correction
     (the mask folded in)."""
-    if N_GROUP > 1:
-        gm = tl.max(gkey, 1)
-        gkey = tl.where(gkey == gm[:, None], _TAKEN, gkey)
-        g = (1 << GB) - 1 - (gm & ((1 << GB) - 1))
-    else:
-        gm = tl.zeros([row_ok.shape[0]], tl.int32)
-        g = gm
+    gkey, gm, g = _next_group(gkey, row_ok, GB, N_GROUP)
     for ci in tl.static_range(CPG):
         cols = ((g * CPG + ci) * 8 * S)[:, None, None] + lanes
         raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
@@ -196,10 +257,12 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
                K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr, CB: tl.constexpr, CPG: tl.constexpr,
                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GB: tl.constexpr,
                UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-               PRECISE: tl.constexpr, WIDE: tl.constexpr):
+               PRECISE: tl.constexpr, WIDE: tl.constexpr, RESIDENT: tl.constexpr):
     """Passes 1 and 2 and the certificate (module docstring), with the fast sigmoid. Returns the ``[ROWS, SLOTS]``
     picks, their exact sigmoids, and per row whether the selection is certain. ``UNROLL``: the group loops
-    unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_lanes``)."""
+    unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_lanes``).
+    ``RESIDENT`` (a chunk a group, at most 8 groups: DeepSeek-V3's 256 experts in 8 groups of 32): the row is
+    loaded at once and its choice scores stay in registers, so pass 2 neither loads nor recomputes a sigmoid."""
     lanes = _lanes(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1  # the (k+1)-th best bounds what was left out
@@ -207,7 +270,29 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
     sure = row_ok
     gkey = tl.full([ROWS, G_PAD], _TAKEN, tl.int32)
     mag = tl.zeros([ROWS], tl.float32)
-    if N_GROUP > 1:  # pass 1: the group keys
+    if RESIDENT:  # pass 1 from one load of the row; pass 2 from registers
+        r0, r1, r2, r3, r4, r5, r6, r7 = _load_row(base, row_ok, lanes, S, N_GROUP)
+        gkey, mag, x0 = _v3_group_resident(gkey, mag, r0, 0, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                           HAS_BIAS_ABS, PRECISE)
+        x1, x2, x3, x4, x5, x6, x7 = x0, x0, x0, x0, x0, x0, x0
+        if N_GROUP > 1:
+            gkey, mag, x1 = _v3_group_resident(gkey, mag, r1, 1, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+        if N_GROUP > 2:
+            gkey, mag, x2 = _v3_group_resident(gkey, mag, r2, 2, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+            gkey, mag, x3 = _v3_group_resident(gkey, mag, r3, 3, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+        if N_GROUP > 4:
+            gkey, mag, x4 = _v3_group_resident(gkey, mag, r4, 4, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+            gkey, mag, x5 = _v3_group_resident(gkey, mag, r5, 5, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+            gkey, mag, x6 = _v3_group_resident(gkey, mag, r6, 6, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+            gkey, mag, x7 = _v3_group_resident(gkey, mag, r7, 7, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
+                                               HAS_BIAS_ABS, PRECISE)
+    elif N_GROUP > 1:  # pass 1: the group keys
         if UNROLL:
             for g in tl.static_range(N_GROUP):
                 gkey, mag = _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S, CPG, GB,
@@ -218,7 +303,12 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
                                         HAS_BIAS, HAS_BIAS_ABS, PRECISE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     gm = tl.zeros([ROWS], tl.int32)
-    if UNROLL:  # pass 2: the kept groups, best first
+    if RESIDENT:
+        for j in tl.static_range(TOPK_GROUP):
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_resident(
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, row_ok, x0, x1, x2, x3, x4, x5, x6, x7, lanes, S, N, CB,
+                GB, N_GROUP)
+    elif UNROLL:  # pass 2: the kept groups, best first
         for j in tl.static_range(TOPK_GROUP):
             l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
                 l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, corr_ptr, E, lanes, S, CPG, N, CB,
@@ -298,8 +388,9 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
                       HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr, RENORM: tl.constexpr,
                       PRECISE: tl.constexpr, UNROLL: tl.constexpr, R_SLOTS: tl.constexpr, PER_GROUP: tl.constexpr,
                       RESHAPE: tl.constexpr, WIDE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
-                      COUNT: tl.constexpr = False):
-    """``DeepseekV3Rule`` (see the module docstring); E = E_PAD, groups of ``CPG`` chunks of ``8·S`` experts.
+                      COUNT: tl.constexpr = False, RESIDENT: tl.constexpr = False):
+    """``DeepseekV3Rule`` (see the module docstring); E = E_PAD, groups of ``CPG`` chunks of ``8·S`` experts
+    (``RESIDENT``: ``_v3_select``'s).
     The certain rows are written from the stream. ``IN_PLACE``: each uncertain one is then selected again here by
     ``triton_rows``' exact V3 rows code, one row to the warp (``R_SLOTS``, ``PER_GROUP``, ``RESHAPE``: its tile's
     keywords; ``COUNT``: their number added at ``n_redo_ptr``, for tests); else the block's index goes to
@@ -311,7 +402,7 @@ def _v3_stream_kernel(logits_ptr, stride_t, tabs_ptr, corr_ptr, w_ptr, idx_ptr, 
     row_ok = rows < T
     sel, sg, sure = _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS, S, K, SLOTS, SLOTS1,
                                CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, UNROLL, HAS_BIAS, HAS_BIAS_ABS,
-                               PRECISE, WIDE)
+                               PRECISE, WIDE, RESIDENT)
     ok = row_ok[:, None] & (tl.arange(0, SLOTS)[None, :] < K)
     w = tl.where(ok, sg, 0.0)
     if RENORM:
@@ -343,35 +434,69 @@ def _rescale(off, new, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, lanes, gid, S: tl.constexpr,
-                   CPG: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-                   HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
-    """DeepSeek-V2's pass 1 over group ``g``: its key (its best enabled steered logit, +inf where it holds a forced
-    expert: ``forced``) into ``gkey``; each thread's softmax sum ``sm`` of the enabled experts against its offset
-    ``off``, and their max ``hi``; ``raw_max``, the biased logits' max before masking (the force value's base, with
-    ``HAS_FORCE``)."""
-    best = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
-    for ci in tl.static_range(CPG):
-        cols = (g * CPG + ci) * 8 * S + lanes
-        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
-        z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
-        if HAS_FORCE:
-            raw_max = tl.maximum(raw_max, tl.max(_own8(z), 2))
-        if HAS_MASK:  # disabled and forced experts leave the sum (forced ones come back as exp(0) each)
-            z = z + _at_cols(tabs_ptr + _DROP * E, cols, raw.shape)
-        top = tl.max(_own8(z), 2)
-        best = tl.maximum(best, top)
-        # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
-        # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
-        new = tl.where(top > off + 16.0, top, off)
-        sm = sm * _rescale(off, new, PRECISE) + tl.sum(_own8(_exp_off(z, new[:, :, None], PRECISE)), 2)
-        off = new
+def _v2_chunk_into(best, off, sm, raw_max, raw, cols, tabs_ptr, E, HAS_BIAS: tl.constexpr,
+                   HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
+                   PRECISE: tl.constexpr, CHOICE: tl.constexpr):
+    """DeepSeek-V2's pass 1 over a chunk of logits at ``cols``: each thread's best enabled steered logit ``best``,
+    its softmax sum ``sm`` of the enabled experts against its offset ``off``, ``raw_max`` (the biased logits' max
+    before masking: the force value's base, with ``HAS_FORCE``); and (``CHOICE``: the resident form) the chunk's
+    choice order, ``_v2_choice``'s values (``z' + CHOICE`` is ``raw + BCHOICE`` bit for bit), for pass 2."""
+    z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
+    if HAS_FORCE:
+        raw_max = tl.maximum(raw_max, tl.max(_own8(z), 2))
+    zc = z
+    if HAS_MASK:  # disabled and forced experts leave the sum (forced ones come back as exp(0) each)
+        if CHOICE:
+            zc = z + _at_cols(tabs_ptr + _CHOICE * E, cols, raw.shape)
+        z = z + _at_cols(tabs_ptr + _DROP * E, cols, raw.shape)
+    top = tl.max(_own8(z), 2)
+    best = tl.maximum(best, top)
+    # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
+    # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
+    new = tl.where(top > off + 16.0, top, off)
+    sm = sm * _rescale(off, new, PRECISE) + tl.sum(_own8(_exp_off(z, new[:, :, None], PRECISE)), 2)
+    return best, new, sm, raw_max, zc
+
+
+@triton.jit
+def _v2_group_key(gkey, hi, best, g, forced, gid, GB: tl.constexpr, HAS_FORCE: tl.constexpr):
+    """Group ``g``'s key from each thread's best of it: the best (+inf where it holds a forced expert: ``forced``)
+    into ``gkey``; ``hi``, each thread's best so far."""
     hi = tl.maximum(hi, best)
     score = tl.max(best, 1)
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties +0.0, as in the rule; its key would order them
     if HAS_FORCE:
         score = tl.where(forced, float("inf"), score)
-    return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), off, sm, hi, raw_max
+    return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), hi
+
+
+@triton.jit
+def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, lanes, gid, S: tl.constexpr,
+                   CPG: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+                   HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
+    """DeepSeek-V2's pass 1 over group ``g``, its ``CPG`` chunks streamed (``_v2_chunk_into``, ``_v2_group_key``)."""
+    best = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
+    for ci in tl.static_range(CPG):
+        cols = (g * CPG + ci) * 8 * S + lanes
+        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        best, off, sm, raw_max, _ = _v2_chunk_into(best, off, sm, raw_max, raw, cols, tabs_ptr, E, HAS_BIAS,
+                                                   HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, False)
+    gkey, hi = _v2_group_key(gkey, hi, best, g, forced, gid, GB, HAS_FORCE)
+    return gkey, off, sm, hi, raw_max
+
+
+@triton.jit
+def _v2_group_resident(gkey, off, sm, hi, raw_max, raw, g: tl.constexpr, fgroup, lanes, gid, tabs_ptr, E,
+                       S: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
+    """``_v2_group_into`` for a group of one chunk already loaded (``RESIDENT``), also returning the chunk's choice
+    order, which stays in registers for pass 2."""
+    forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
+    best = tl.full([raw_max.shape[0], S], -float("inf"), tl.float32)
+    best, off, sm, raw_max, x = _v2_chunk_into(best, off, sm, raw_max, raw, g * 8 * S + lanes, tabs_ptr, E,
+                                               HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, True)
+    gkey, hi = _v2_group_key(gkey, hi, best, g, forced, gid, GB, HAS_FORCE)
+    return gkey, off, sm, hi, raw_max, x
 
 
 @triton.jit
@@ -379,10 +504,12 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
                EXACT: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, SLOTS1: tl.constexpr,
                CB: tl.constexpr, CPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                G_PAD: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
-               HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr, WIDE: tl.constexpr):
+               HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr, WIDE: tl.constexpr,
+               RESIDENT: tl.constexpr):
     """DeepSeek-V2 group-limited greedy (module docstring): the ``[ROWS, SLOTS]`` picks, their weights, and per
     row whether the selection is certain. ``EXACT``: 16-bit logits, whose keys lose nothing outside the ``n_cand``
-    enabled biased experts (listed in the table's ``CCOL`` row). ``WIDE``: 32-bit logits (``_lanes``)."""
+    enabled biased experts (listed in the table's ``CCOL`` row). ``WIDE``: 32-bit logits (``_lanes``).
+    ``RESIDENT``: as ``_v3_select``'s (the choice order kept in registers, pass 2 without loads)."""
     lanes = _lanes(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1
@@ -398,17 +525,53 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
     sm = tl.zeros([ROWS, S], tl.float32)
     hi = tl.full([ROWS, S], -float("inf"), tl.float32)
     raw_max = hi
-    for g in tl.static_range(N_GROUP):  # pass 1
-        forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
-        gkey, off, sm, hi, raw_max = _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced,
-                                                    lanes, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK,
-                                                    HAS_FORCE, PRECISE)
+    if RESIDENT:  # pass 1 from one load of the row
+        r0, r1, r2, r3, r4, r5, r6, r7 = _load_row(base, row_ok, lanes, S, N_GROUP)
+        gkey, off, sm, hi, raw_max, x0 = _v2_group_resident(gkey, off, sm, hi, raw_max, r0, 0, fgroup, lanes, gid,
+                                                            tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK,
+                                                            HAS_FORCE, PRECISE)
+        x1, x2, x3, x4, x5, x6, x7 = x0, x0, x0, x0, x0, x0, x0
+        if N_GROUP > 1:
+            gkey, off, sm, hi, raw_max, x1 = _v2_group_resident(gkey, off, sm, hi, raw_max, r1, 1, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+        if N_GROUP > 2:
+            gkey, off, sm, hi, raw_max, x2 = _v2_group_resident(gkey, off, sm, hi, raw_max, r2, 2, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+            gkey, off, sm, hi, raw_max, x3 = _v2_group_resident(gkey, off, sm, hi, raw_max, r3, 3, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+        if N_GROUP > 4:
+            gkey, off, sm, hi, raw_max, x4 = _v2_group_resident(gkey, off, sm, hi, raw_max, r4, 4, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+            gkey, off, sm, hi, raw_max, x5 = _v2_group_resident(gkey, off, sm, hi, raw_max, r5, 5, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+            gkey, off, sm, hi, raw_max, x6 = _v2_group_resident(gkey, off, sm, hi, raw_max, r6, 6, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+            gkey, off, sm, hi, raw_max, x7 = _v2_group_resident(gkey, off, sm, hi, raw_max, r7, 7, fgroup, lanes,
+                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                                HAS_MASK, HAS_FORCE, PRECISE)
+    else:
+        for g in tl.static_range(N_GROUP):  # pass 1
+            forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
+            gkey, off, sm, hi, raw_max = _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g,
+                                                        forced, lanes, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                        HAS_MASK, HAS_FORCE, PRECISE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     gm = tl.zeros([ROWS], tl.int32)
     for j in tl.static_range(TOPK_GROUP):  # pass 2: the kept groups, best first
-        l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
-            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, lanes, S, CPG, N, CB,
-            GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE, True)
+        if RESIDENT:
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_resident(
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, row_ok, x0, x1, x2, x3, x4, x5, x6, x7, lanes, S, N, CB,
+                GB, N_GROUP)
+        else:
+            l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm = _kept_into(
+                l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr, None, E, lanes, S, CPG, N, CB,
+                GB, N_GROUP, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, PRECISE, True)
     picked = _pick(l0, l1, l2, l3, l4, l5, l6, l7, l8, None, 0, ROWS, K, SLOTS, N, CB, True, SLOTS1)
     sel, last = picked[0], picked[17]
     ok = row_ok[:, None] & (slot[None, :] < K)
@@ -464,7 +627,7 @@ def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, forc
                       HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
                       PRECISE: tl.constexpr, E_PAD: tl.constexpr, R_SLOTS: tl.constexpr, PER_GROUP: tl.constexpr,
                       RESHAPE: tl.constexpr, R_HAS_FORCE: tl.constexpr, WIDE: tl.constexpr = False,
-                      IN_PLACE: tl.constexpr = False, COUNT: tl.constexpr = False):
+                      IN_PLACE: tl.constexpr = False, COUNT: tl.constexpr = False, RESIDENT: tl.constexpr = False):
     """``DeepseekV2Rule`` with ``group_limited_greedy`` (module docstring), the layout of ``_v3_stream_kernel``, and
     as there its uncertain rows selected again in place by ``triton_rows``' exact V2 rows code (``R_HAS_FORCE``: that
     code's force flag, which needs δ > 0) or their blocks listed for ``triton_route``'s V2 redo launch."""
@@ -472,7 +635,7 @@ def _v2_stream_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, forc
     row_ok = rows < T
     sel, w, sure = _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, scaling, n_forced,
                               n_cand, EXACT, ROWS, S, K, SLOTS, SLOTS1, CB, CPG, N_GROUP, TOPK_GROUP, G_PAD, GB, HAS_BIAS,
-                              HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, WIDE)
+                              HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, WIDE, RESIDENT)
     _finish(w, sel, rows, row_ok & sure, tabs_ptr, E, w_ptr, idx_ptr, K, SLOTS, HAS_BOOST, RENORM_BOOST)
     bad = (row_ok & ~sure).to(tl.int32)
     if _flagged(bad, redo_ptr, n_redo_ptr, IN_PLACE, COUNT):

@@ -350,8 +350,10 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         n_blocks = cdiv(T, rows)
         in_place = bool(opts.pop("IN_PLACE", GROUPED_IN_PLACE["deepseek_v3" if v3 else "deepseek_v2"]))
         redo_rows = min(rows, int(opts.pop("REDO_ROWS", GROUPED_REDO_ROWS)))
+        # a chunk a group and at most 8 groups (DeepSeek-V3's 256 experts in 8 of 32): the row stays in registers
+        resident = bool(opts.pop("RESIDENT", cpg == 1 and int(rule.n_group) <= 8))
         if in_place:  # the exact path's registers would set every block's occupancy: capped (the rare path spills)
-            opts.setdefault("maxnreg", _grouped_maxnreg(v3, has_bias or has_mask or has_boost))
+            opts.setdefault("maxnreg", _grouped_maxnreg(v3, has_bias or has_mask or has_boost, resident))
             redo = indices  # a stand-in: in place, the stream neither reads nor writes the redo list
         else:
             redo = torch.zeros(n_blocks + 1, dtype=torch.int32, device=logits.device)  # [0]: the count
@@ -360,7 +362,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                      CPG=cpg, GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs,
                      HAS_MASK=has_mask, HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost,
                      PRECISE=precise, num_warps=1, enable_fp_fusion=False, E_PAD=E, R_SLOTS=rows_kw["SLOTS"],
-                     WIDE=wide, IN_PLACE=in_place, **_group_kwargs(E, E, int(rule.n_group), int(rule.topk_group)))
+                     WIDE=wide, IN_PLACE=in_place, RESIDENT=resident, **_group_kwargs(E, E, int(rule.n_group), int(rule.topk_group)))
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), redo[1:], redo, RENORM=bool(rule.renormalize), **shape,
@@ -511,10 +513,13 @@ def _redo_programs(device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _grouped_maxnreg(v3: bool, steered: bool) -> int:
+def _grouped_maxnreg(v3: bool, steered: bool, resident: bool) -> int:
     """The streamed group-limited kernels' register cap: what each compiled to with its exact rows in a second
     launch (sm_90: V3 64-72 registers, V2 64 unsteered, 72-84 steered), so that the exact rows in place spill in
-    their rare path rather than cost every block occupancy (registers set it: 28 warps an SM at 72)."""
+    their rare path rather than cost every block occupancy (registers set it: 28 warps an SM at 72). With the
+    row resident (its choice scores held: 64 registers more) 128, where neither spills."""
+    if resident:
+        return 128
     return 72 if v3 else 80 if steered else 64
 
 
