@@ -13,7 +13,11 @@ bandwidth at T = 65,536, E = 256, k = 8. Here:
    (``ex2.approx`` and ``rcp.approx``: within ``2^-21.1`` of PyTorch's, ``_slack``); no selection is final yet.
 2. The ``TOPK_GROUP`` best groups (one reduction over the group keys per kept group) are streamed again (from L1/L2,
    not HBM) into each thread's sorted list of the k+1 best 32-bit keys (``triton_stream._absorb``), and the S
-   threads pick k (``triton_stream._pick``).
+   threads pick k (``triton_stream._pick``). Where a group is one chunk and there are at most 8 (``RESIDENT``:
+   DeepSeek-V3's 256 experts in 8 groups of 32, and E = 64 or 128 in 8 groups) the row is loaded at once in pass 1
+   and its choice scores stay in registers (64 a thread), so pass 2 takes each kept group's chunk by a select per
+   group and row instead of re-reading it: the re-read's rows keep different groups, so each of its per-column
+   gathers (logits, correction bias, the spec's bias) cost L1 a wavefront per row, and its sigmoids ran again.
 3. Certificate, per row: the picks' exact choice scores (recomputed from their logits, as PyTorch does) must all lie
    above the (k+1)-th key's bucket plus the fast sigmoid's error bound (``_slack``), and the kept groups' scores
    above the dropped ones' by twice the bound. Then the exact selection is this one (its order within the k aside:
@@ -175,22 +179,57 @@ def _v3_group_resident(gkey, mag, raw, g: tl.constexpr, lanes, gid, tabs_ptr, co
 
 
 @triton.jit
+def _nth8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The ``i``-th of eight (a compile-time index: Triton has no lists of tensors)."""
+    x = a0
+    if i == 1:
+        x = a1
+    if i == 2:
+        x = a2
+    if i == 3:
+        x = a3
+    if i == 4:
+        x = a4
+    if i == 5:
+        x = a5
+    if i == 6:
+        x = a6
+    if i == 7:
+        x = a7
+    return x
+
+
+@triton.jit
+def _put8(i: tl.constexpr, v, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The eight with the ``i``-th replaced by ``v``."""
+    if i == 0:
+        a0 = v
+    if i == 1:
+        a1 = v
+    if i == 2:
+        a2 = v
+    if i == 3:
+        a3 = v
+    if i == 4:
+        a4 = v
+    if i == 5:
+        a5 = v
+    if i == 6:
+        a6 = v
+    if i == 7:
+        a7 = v
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _load_row(base, row_ok, lanes, S: tl.constexpr, NCH: tl.constexpr):
     """A row's ``NCH`` (<= 8) chunks of ``8·S`` logits, loaded before any is used, so that their HBM latencies
     overlap (``RESIDENT``); the chunks past NCH repeat the first (never used)."""
-    ok = row_ok[:, None, None]
-    r0 = tl.load(base + lanes, mask=ok, other=0.0)
+    r0 = tl.load(base + lanes, mask=row_ok[:, None, None], other=0.0)
     r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
-    if NCH > 1:
-        r1 = tl.load(base + 8 * S + lanes, mask=ok, other=0.0)
-    if NCH > 2:
-        r2 = tl.load(base + 16 * S + lanes, mask=ok, other=0.0)
-        r3 = tl.load(base + 24 * S + lanes, mask=ok, other=0.0)
-    if NCH > 4:
-        r4 = tl.load(base + 32 * S + lanes, mask=ok, other=0.0)
-        r5 = tl.load(base + 40 * S + lanes, mask=ok, other=0.0)
-        r6 = tl.load(base + 48 * S + lanes, mask=ok, other=0.0)
-        r7 = tl.load(base + 56 * S + lanes, mask=ok, other=0.0)
+    for i in tl.static_range(1, NCH):
+        r = tl.load(base + i * 8 * S + lanes, mask=row_ok[:, None, None], other=0.0)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _put8(i, r, r0, r1, r2, r3, r4, r5, r6, r7)
     return r0, r1, r2, r3, r4, r5, r6, r7
 
 
@@ -272,26 +311,12 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
     mag = tl.zeros([ROWS], tl.float32)
     if RESIDENT:  # pass 1 from one load of the row; pass 2 from registers
         r0, r1, r2, r3, r4, r5, r6, r7 = _load_row(base, row_ok, lanes, S, N_GROUP)
-        gkey, mag, x0 = _v3_group_resident(gkey, mag, r0, 0, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                           HAS_BIAS_ABS, PRECISE)
+        x0 = r0.to(tl.float32)  # placeholders for the chunks' choice scores, set in turn
         x1, x2, x3, x4, x5, x6, x7 = x0, x0, x0, x0, x0, x0, x0
-        if N_GROUP > 1:
-            gkey, mag, x1 = _v3_group_resident(gkey, mag, r1, 1, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
-        if N_GROUP > 2:
-            gkey, mag, x2 = _v3_group_resident(gkey, mag, r2, 2, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
-            gkey, mag, x3 = _v3_group_resident(gkey, mag, r3, 3, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
-        if N_GROUP > 4:
-            gkey, mag, x4 = _v3_group_resident(gkey, mag, r4, 4, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
-            gkey, mag, x5 = _v3_group_resident(gkey, mag, r5, 5, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
-            gkey, mag, x6 = _v3_group_resident(gkey, mag, r6, 6, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
-            gkey, mag, x7 = _v3_group_resident(gkey, mag, r7, 7, lanes, gid, tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS,
-                                               HAS_BIAS_ABS, PRECISE)
+        for g in tl.static_range(N_GROUP):
+            gkey, mag, x = _v3_group_resident(gkey, mag, _nth8(g, r0, r1, r2, r3, r4, r5, r6, r7), g, lanes, gid,
+                                              tabs_ptr, corr_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _put8(g, x, x0, x1, x2, x3, x4, x5, x6, x7)
     elif N_GROUP > 1:  # pass 1: the group keys
         if UNROLL:
             for g in tl.static_range(N_GROUP):
@@ -527,34 +552,13 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
     raw_max = hi
     if RESIDENT:  # pass 1 from one load of the row
         r0, r1, r2, r3, r4, r5, r6, r7 = _load_row(base, row_ok, lanes, S, N_GROUP)
-        gkey, off, sm, hi, raw_max, x0 = _v2_group_resident(gkey, off, sm, hi, raw_max, r0, 0, fgroup, lanes, gid,
-                                                            tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK,
-                                                            HAS_FORCE, PRECISE)
+        x0 = r0.to(tl.float32)  # placeholders for the chunks' choice order, set in turn
         x1, x2, x3, x4, x5, x6, x7 = x0, x0, x0, x0, x0, x0, x0
-        if N_GROUP > 1:
-            gkey, off, sm, hi, raw_max, x1 = _v2_group_resident(gkey, off, sm, hi, raw_max, r1, 1, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
-        if N_GROUP > 2:
-            gkey, off, sm, hi, raw_max, x2 = _v2_group_resident(gkey, off, sm, hi, raw_max, r2, 2, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
-            gkey, off, sm, hi, raw_max, x3 = _v2_group_resident(gkey, off, sm, hi, raw_max, r3, 3, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
-        if N_GROUP > 4:
-            gkey, off, sm, hi, raw_max, x4 = _v2_group_resident(gkey, off, sm, hi, raw_max, r4, 4, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
-            gkey, off, sm, hi, raw_max, x5 = _v2_group_resident(gkey, off, sm, hi, raw_max, r5, 5, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
-            gkey, off, sm, hi, raw_max, x6 = _v2_group_resident(gkey, off, sm, hi, raw_max, r6, 6, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
-            gkey, off, sm, hi, raw_max, x7 = _v2_group_resident(gkey, off, sm, hi, raw_max, r7, 7, fgroup, lanes,
-                                                                gid, tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS,
-                                                                HAS_MASK, HAS_FORCE, PRECISE)
+        for g in tl.static_range(N_GROUP):
+            gkey, off, sm, hi, raw_max, x = _v2_group_resident(
+                gkey, off, sm, hi, raw_max, _nth8(g, r0, r1, r2, r3, r4, r5, r6, r7), g, fgroup, lanes, gid,
+                tabs_ptr, E, S, GB, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _put8(g, x, x0, x1, x2, x3, x4, x5, x6, x7)
     else:
         for g in tl.static_range(N_GROUP):  # pass 1
             forced = tl.max((fgroup == g).to(tl.int32), 0) > 0

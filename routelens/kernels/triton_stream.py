@@ -251,10 +251,11 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
             E_PAD: tl.constexpr, EVEN: tl.constexpr, CB: tl.constexpr, N: tl.constexpr, SUM: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr,
             SPARSE: tl.constexpr, PRECISE: tl.constexpr, CANON: tl.constexpr, SP_TABLE: tl.constexpr,
-            KEY_FMA: tl.constexpr, WIDE: tl.constexpr):
+            KEY_FMA: tl.constexpr, WIDE: tl.constexpr, AHEAD: tl.constexpr = 1):
     """One pass over the block: per thread (``[ROWS, S]`` each) the ``N`` best keys of ``zd`` (lists of up to 4,
     or 8 [+ a 9th when N = 9]); the row max of ``z'`` (SteerMoE's force value); the offset ``off`` (the first
-    chunk's max of ``z'``) and ``Σ exp(zd - off)``."""
+    chunk's max of ``z'``) and ``Σ exp(zd - off)``. ``AHEAD`` (1 to 3): how many chunks' loads are written ahead
+    of the chunk being worked on."""
     LOW: tl.constexpr = (1 << CB) - 1
     s = tl.arange(0, S)
     c = tl.arange(0, 8)
@@ -269,11 +270,26 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
     # the next chunk's load is issued before this chunk's work (ptxas schedules the loads itself; a wider window
     # written here compiled to the same SASS)
     nxt, nxt_sp = _fetch(base, tabs_ptr, 0, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+    nxt2, nxt2_sp = nxt, nxt_sp
+    nxt3, nxt3_sp = nxt, nxt_sp
+    if AHEAD > 1 and NCH > 1:
+        nxt2, nxt2_sp = _fetch(base, tabs_ptr, 1, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+    if AHEAD > 2 and NCH > 2:
+        nxt3, nxt3_sp = _fetch(base, tabs_ptr, 2, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
     for ch in tl.static_range(NCH):
         cols = ch * 8 * S + lanes
         raw = nxt
         sp = nxt_sp
-        if ch + 1 < NCH:
+        if AHEAD > 2:
+            nxt, nxt_sp = nxt2, nxt2_sp
+            nxt2, nxt2_sp = nxt3, nxt3_sp
+            if ch + 3 < NCH:
+                nxt3, nxt3_sp = _fetch(base, tabs_ptr, ch + 3, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+        elif AHEAD > 1:
+            nxt, nxt_sp = nxt2, nxt2_sp
+            if ch + 2 < NCH:
+                nxt2, nxt2_sp = _fetch(base, tabs_ptr, ch + 2, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
+        elif ch + 1 < NCH:
             nxt, nxt_sp = _fetch(base, tabs_ptr, ch + 1, lanes, s, row_ok, E, S, EVEN, SPARSE, SP_TABLE)
         if SPARSE and SP_TABLE:  # special columns (steered in any way) leave: + SDROP (-inf there), unbiased
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, False, False, False, raw, CANON, sp)
@@ -457,7 +473,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
                         HAS_FORCE: tl.constexpr, HAS_BOOST: tl.constexpr, RENORM_BOOST: tl.constexpr,
                         RENORM: tl.constexpr, PRECISE: tl.constexpr, VALS: tl.constexpr,
                         KEEP_SIGN: tl.constexpr, SP_TABLE: tl.constexpr, KEY_FMA: tl.constexpr,
-                        WIDE: tl.constexpr = False):
+                        WIDE: tl.constexpr = False, AHEAD: tl.constexpr = 1):
     """``SoftmaxTopK`` (FAMILY 0), ``DeepseekV2Rule`` greedy (1), ``GptOssRule`` (2), ``SparseMixerRule`` (3); see
     the module docstring. ``scaling``: DeepSeek-V2's routed scaling factor, sparsemixer's 2ε. ``N``: list length per
     thread (k, +1 for ``LOSSY``; sparsemixer: 4, 8 or 9, room for the keys near the picks: ``triton_route.stream_choices``).
@@ -474,7 +490,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     SUM: tl.constexpr = FAMILY < _GPT_OSS and not RENORM
     l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc = _stream(
         logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS, S, E_PAD, EVEN, CB, N, SUM, HAS_BIAS, HAS_BIAS_ABS,
-        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN, SP_TABLE, KEY_FMA and not LOSSY, WIDE)
+        HAS_MASK, HAS_FORCE, SPARSE, PRECISE, not KEEP_SIGN, SP_TABLE, KEY_FMA and not LOSSY, WIDE, AHEAD)
     if SUM:  # a thread whose best enabled score is far from its offset: its sum may have over- or underflowed
         best = _key_value(l0, CB) - off
         far = ((best > _SPAN) | ((best < -_SPAN) & (l0 != _TAKEN))).to(tl.int32)
