@@ -844,9 +844,11 @@ def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2_grouped"])
 def test_grouped_stream_resident_rows_and_streamed_pass_2_agree(family, dtype, monkeypatch):
     """``RESIDENT`` (a chunk a group, at most 8 groups: the row's choice scores kept in registers for pass 2) is
-    the default where it applies and not elsewhere; with it on or off, the oracle's selection and weights."""
+    taken where it applies and only there, also when asked elsewhere (``GROUPED_RESIDENT`` on); with it on or off,
+    the oracle's selection and weights."""
     from routelens.kernels import triton_route
 
+    monkeypatch.setattr(triton_route, "GROUPED_RESIDENT", True)
     seen = []
     launch = triton_route.launch
 

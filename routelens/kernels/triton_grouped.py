@@ -13,8 +13,9 @@ bandwidth at T = 65,536, E = 256, k = 8. Here:
    (``ex2.approx`` and ``rcp.approx``: within ``2^-21.1`` of PyTorch's, ``_slack``); no selection is final yet.
 2. The ``TOPK_GROUP`` best groups (one reduction over the group keys per kept group) are streamed again (from L1/L2,
    not HBM) into each thread's sorted list of the k+1 best 32-bit keys (``triton_stream._absorb``), and the S
-   threads pick k (``triton_stream._pick``). Where a group is one chunk and there are at most 8 (``RESIDENT``:
-   DeepSeek-V3's 256 experts in 8 groups of 32, and E = 64 or 128 in 8 groups) the row is loaded at once in pass 1
+   threads pick k (``triton_stream._pick``). With ``RESIDENT`` (an option, off until timed:
+   ``triton_route.GROUPED_RESIDENT``), where a group is one chunk and there are at most 8 (DeepSeek-V3's 256
+   experts in 8 groups of 32, and E = 64 or 128 in 8 groups), the row is loaded at once in pass 1
    and its choice scores stay in registers (64 a thread), so pass 2 takes each kept group's chunk by a select per
    group and row instead of re-reading it: the re-read's rows keep different groups, so each of its per-column
    gathers (logits, correction bias, the spec's bias) cost L1 a wavefront per row, and its sigmoids ran again.

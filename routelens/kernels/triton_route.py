@@ -350,8 +350,9 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
         n_blocks = cdiv(T, rows)
         in_place = bool(opts.pop("IN_PLACE", GROUPED_IN_PLACE["deepseek_v3" if v3 else "deepseek_v2"]))
         redo_rows = min(rows, int(opts.pop("REDO_ROWS", GROUPED_REDO_ROWS)))
-        # a chunk a group and at most 8 groups (DeepSeek-V3's 256 experts in 8 of 32): the row stays in registers
-        resident = bool(opts.pop("RESIDENT", cpg == 1 and int(rule.n_group) <= 8))
+        # the row held in registers: only where a group is one chunk and there are at most 8 (DeepSeek-V3's 256
+        # experts in 8 of 32); off unless asked (GROUPED_RESIDENT) until it is timed
+        resident = bool(opts.pop("RESIDENT", GROUPED_RESIDENT)) and cpg == 1 and int(rule.n_group) <= 8
         if in_place:  # the exact path's registers would set every block's occupancy: capped (the rare path spills)
             opts.setdefault("maxnreg", _grouped_maxnreg(v3, has_bias or has_mask or has_boost, resident))
             redo = indices  # a stand-in: in place, the stream neither reads nor writes the redo list
@@ -487,6 +488,10 @@ V2_STREAM_MIN_LOGITS, V2_STREAM_MIN_EXPERTS = 1 << 22, 128  # and DeepSeek-V2's 
 # of whole blocks; in place it took 0.91-0.99x at k = 8 but 1.33-1.35x at k = 2)
 GROUPED_IN_PLACE = {"deepseek_v3": False, "deepseek_v2": True}
 GROUPED_REDO_ROWS = 1
+# the row resident in registers (triton_grouped's RESIDENT: one load of the row, pass 2 without re-reads or per-row
+# gathers; sm_90: 116-130 registers against 64-72, the same instruction count): off by default, since it has not
+# been timed on the GPU yet (benchmarks/kernels_ab_gpu.py with {"RESIDENT": true} against {} decides it)
+GROUPED_RESIDENT = False
 
 
 def _rows_kwargs(k: int, e_pad: int, block_t: int, warps: int, flags: tuple, force_delta: float,
