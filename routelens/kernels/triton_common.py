@@ -52,13 +52,58 @@ def _sum_exp(x, mx, PRECISE: tl.constexpr):
 def _at_cols(ptr, cols, shape, col_ok=None):
     """Table entries ``ptr[cols]`` laid out as a chunk of logits of ``shape`` (``[ROWS, S, 8]``): each thread loads
     its own columns' entries, the rows' copies from L1. (Loaded as ``[S, 8]`` and broadcast, they reached the
-    chunk's layout through shared memory, a barrier each chunk: sm_90 SASS.)"""
-    ptrs = tl.broadcast_to(ptr + cols, shape)
-    if col_ok is None:
-        x = tl.load(ptrs)
+    chunk's layout through shared memory, a barrier each chunk: sm_90 SASS.) ``cols`` of ``_runs`` for 32-bit
+    logits (``[.., S, 4]``, the first of two runs): both runs, paired (``_pair8``)."""
+    if len(cols.shape) == 3 and cols.shape[2] == 4:
+        rows = tl.zeros([shape[0], 1, 1], tl.int32)  # the rows' copies, each thread its own (see above)
+        x = _pair8(tl.load(ptr + (cols + rows)), tl.load(ptr + (cols + (4 * cols.shape[1]) + rows)))
+    elif col_ok is None:
+        x = tl.load(tl.broadcast_to(ptr + cols, shape))
     else:
-        x = tl.load(ptrs, mask=tl.broadcast_to(col_ok, shape), other=0.0)
+        x = tl.load(tl.broadcast_to(ptr + cols, shape), mask=tl.broadcast_to(col_ok, shape), other=0.0)
     return x
+
+
+@triton.jit
+def _pair8(lo, hi):
+    """Two ``[.., S, 4]`` runs of each thread's columns as one ``[.., S, 8]`` chunk, still in the thread's registers
+    (``tl.join`` adds an in-thread dimension; merging it with the run's is a relabelling)."""
+    return tl.reshape(tl.join(lo, hi), [lo.shape[0], lo.shape[1], 8])
+
+
+@triton.jit
+def _runs(S: tl.constexpr, WIDE: tl.constexpr):
+    """Each thread's columns of a chunk of ``8·S`` as load offsets, for the grouped streams: 16-bit logits ``[1, S,
+    8]``, thread s holds 8s .. 8s+7 (one 16-byte load); 32-bit logits (``WIDE``) ``[1, S, 4]``, the first of its
+    two runs, 4s .. 4s+3 and 4S+4s .. 4S+4s+3 (two 16-byte loads: ``_load8``, ``_at_cols``; the chunk's columns:
+    ``_cols8``). Why two loads of ``[.., S, 4]`` rather than one ``[2, .., S, 4]`` (``_lanes``): Triton 3.6's
+    coalescing gave the ``2`` threads of its own (ties of contiguity ordered from the first dimension), so every
+    top-2 and sum of a thread's 8 went through shuffles (sm_90, DeepSeek-V3 float32 k = 8 steered: 276 SHFL,
+    739 FMNMX, 3,184 instructions against Triton 3.9's 70, 259 and 2,080)."""
+    s = tl.arange(0, S)
+    if WIDE:
+        return (s[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]
+    else:
+        return (s[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]
+
+
+@triton.jit
+def _load8(ptrs, mask):
+    """A chunk of logits at ``ptrs`` (``_runs``' offsets added): one load, or for 32-bit logits both runs, paired.
+    ``mask``: per row (``[ROWS, 1, 1]``)."""
+    if ptrs.shape[2] == 4:
+        x = _pair8(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 4 * ptrs.shape[1], mask=mask, other=0.0))
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _cols8(cols):
+    """The chunk's columns (``[.., S, 8]``, in the layout ``_load8`` gives) from ``_runs``' offsets."""
+    if cols.shape[2] == 4:
+        cols = _pair8(cols, cols + 4 * cols.shape[1])
+    return cols
 
 
 @triton.jit

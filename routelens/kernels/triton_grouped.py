@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BCHOICE, _BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
-                            _finish, _from_order_bits, _lanes, _own8, _rcp, _split8, _steered_at)
+                            _cols8, _finish, _from_order_bits, _load8, _own8, _rcp, _runs, _split8, _steered_at)
 from .triton_rows import _deepseek_v2_rows, _deepseek_v3_rows
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
@@ -161,7 +161,7 @@ def _group_into(gkey, mag, base, row_ok, tabs_ptr, corr_ptr, E, g, lanes, gid, S
     a2 = a1
     for ci in tl.static_range(CPG):
         cols = (g * CPG + ci) * 8 * S + lanes
-        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        raw = _load8(base + cols, row_ok[:, None, None])
         b1, b2 = _top2_of8(_choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE))
         a1, a2 = _top2_merge(a1, a2, b1, b2)
     return _group_key(gkey, mag, a1, a2, g, gid, GB)
@@ -226,10 +226,10 @@ def _put8(i: tl.constexpr, v, a0, a1, a2, a3, a4, a5, a6, a7):
 def _load_row(base, row_ok, lanes, S: tl.constexpr, NCH: tl.constexpr):
     """A row's ``NCH`` (<= 8) chunks of ``8·S`` logits, loaded before any is used, so that their HBM latencies
     overlap (``RESIDENT``); the chunks past NCH repeat the first (never used)."""
-    r0 = tl.load(base + lanes, mask=row_ok[:, None, None], other=0.0)
+    r0 = _load8(base + lanes, row_ok[:, None, None])
     r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
     for i in tl.static_range(1, NCH):
-        r = tl.load(base + i * 8 * S + lanes, mask=row_ok[:, None, None], other=0.0)
+        r = _load8(base + i * 8 * S + lanes, row_ok[:, None, None])
         r0, r1, r2, r3, r4, r5, r6, r7 = _put8(i, r, r0, r1, r2, r3, r4, r5, r6, r7)
     return r0, r1, r2, r3, r4, r5, r6, r7
 
@@ -267,7 +267,7 @@ def _kept_resident(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, row_ok, x0, x1, x2,
         x = tl.where(gi == 5, x5, x)
         x = tl.where(gi == 6, x6, x)
         x = tl.where(gi == 7, x7, x)
-    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, gi * 8 * S + lanes, CB), N)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, _cols8(gi * 8 * S + lanes), CB), N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
 
@@ -283,12 +283,12 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
     gkey, gm, g = _next_group(gkey, row_ok, GB, N_GROUP)
     for ci in tl.static_range(CPG):
         cols = ((g * CPG + ci) * 8 * S)[:, None, None] + lanes
-        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        raw = _load8(base + cols, row_ok[:, None, None])
         if V2:
             x = _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
         else:
             x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
-        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, cols, CB), N)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, _cols8(cols), CB), N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
 
@@ -300,10 +300,10 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
                PRECISE: tl.constexpr, WIDE: tl.constexpr, RESIDENT: tl.constexpr):
     """Passes 1 and 2 and the certificate (module docstring), with the fast sigmoid. Returns the ``[ROWS, SLOTS]``
     picks, their exact sigmoids, and per row whether the selection is certain. ``UNROLL``: the group loops
-    unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_lanes``).
+    unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_runs``).
     ``RESIDENT`` (a chunk a group, at most 8 groups: DeepSeek-V3's 256 experts in 8 groups of 32): the row is
     loaded at once and its choice scores stay in registers, so pass 2 neither loads nor recomputes a sigmoid."""
-    lanes = _lanes(S, WIDE)
+    lanes = _runs(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1  # the (k+1)-th best bounds what was left out
     gid = tl.arange(0, G_PAD)
@@ -504,7 +504,7 @@ def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, for
     best = tl.full([row_ok.shape[0], S], -float("inf"), tl.float32)
     for ci in tl.static_range(CPG):
         cols = (g * CPG + ci) * 8 * S + lanes
-        raw = tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        raw = _load8(base + cols, row_ok[:, None, None])
         best, off, sm, raw_max, _ = _v2_chunk_into(best, off, sm, raw_max, raw, cols, tabs_ptr, E, HAS_BIAS,
                                                    HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, False)
     gkey, hi = _v2_group_key(gkey, hi, best, g, forced, gid, GB, HAS_FORCE)
@@ -534,9 +534,9 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
                RESIDENT: tl.constexpr):
     """DeepSeek-V2 group-limited greedy (module docstring): the ``[ROWS, SLOTS]`` picks, their weights, and per
     row whether the selection is certain. ``EXACT``: 16-bit logits, whose keys lose nothing outside the ``n_cand``
-    enabled biased experts (listed in the table's ``CCOL`` row). ``WIDE``: 32-bit logits (``_lanes``).
+    enabled biased experts (listed in the table's ``CCOL`` row). ``WIDE``: 32-bit logits (``_runs``).
     ``RESIDENT``: as ``_v3_select``'s (the choice order kept in registers, pass 2 without loads)."""
-    lanes = _lanes(S, WIDE)
+    lanes = _runs(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1
     PER_GROUP: tl.constexpr = CPG * 8 * S
