@@ -6,7 +6,13 @@ executed instructions of a block's common path; timings still need the GPU).
 Usage: python benchmarks/sass_stats.py FAMILY K steered|plain [DTYPE] [--package routelens.kernels] [--E 256]
            [--opts JSON] [--dump DIR]
   e.g. the kernels at a revision side by side: copy them as in kernels_ab_gpu.py, then --package out.khead
-Prints one JSON line per kernel: [name, "REGS smem SHARED", instructions, {opcode: count} (the 14 commonest)]."""
+Prints one JSON line per kernel: [name, "REGS smem SHARED", instructions, {opcode: count} (the 14 commonest)].
+
+It compiles with whichever Triton is imported. The GPU machine runs Triton 3.6.0 (``steer_kernels_gpu.json``), and
+3.6 lays some tensors out differently from this checkout's 3.9 (its coalescing orders tied dimensions from the
+first: the old ``[2, ROWS, S, 4]`` float32 chunks went through shuffles there and not here). To read the SASS the
+GPU runs: ``pip download --no-deps triton==3.6.0`` and ``pip install --no-deps --target /tmp/tri36site`` the wheel,
+then ``PYTHONPATH=/tmp/tri36site python benchmarks/sass_stats.py ...``."""
 import argparse
 import importlib
 import inspect

@@ -49,18 +49,23 @@ def _sum_exp(x, mx, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _at_cols(ptr, cols, shape, col_ok=None):
+def _at_cols(ptr, cols, shape, lim=None):
     """Table entries ``ptr[cols]`` laid out as a chunk of logits of ``shape`` (``[ROWS, S, 8]``): each thread loads
     its own columns' entries, the rows' copies from L1. (Loaded as ``[S, 8]`` and broadcast, they reached the
-    chunk's layout through shared memory, a barrier each chunk: sm_90 SASS.) ``cols`` of ``_runs`` for 32-bit
-    logits (``[.., S, 4]``, the first of two runs): both runs, paired (``_pair8``)."""
+    chunk's layout through shared memory, a barrier each chunk: sm_90 SASS.) ``cols``: ``_runs``' offsets, for
+    32-bit logits both runs loaded and paired (``_pair8``); ``lim``: columns from it on are padding (0)."""
     if len(cols.shape) == 3 and cols.shape[2] == 4:
         rows = tl.zeros([shape[0], 1, 1], tl.int32)  # the rows' copies, each thread its own (see above)
-        x = _pair8(tl.load(ptr + (cols + rows)), tl.load(ptr + (cols + (4 * cols.shape[1]) + rows)))
-    elif col_ok is None:
+        hi = cols + 4 * cols.shape[1]
+        if lim is None:
+            x = _pair8(tl.load(ptr + (cols + rows)), tl.load(ptr + (hi + rows)))
+        else:
+            x = _pair8(tl.load(ptr + (cols + rows), mask=(cols + rows) < lim, other=0.0),
+                       tl.load(ptr + (hi + rows), mask=(hi + rows) < lim, other=0.0))
+    elif lim is None:
         x = tl.load(tl.broadcast_to(ptr + cols, shape))
     else:
-        x = tl.load(tl.broadcast_to(ptr + cols, shape), mask=tl.broadcast_to(col_ok, shape), other=0.0)
+        x = tl.load(tl.broadcast_to(ptr + cols, shape), mask=tl.broadcast_to(cols < lim, shape), other=0.0)
     return x
 
 
@@ -73,10 +78,10 @@ def _pair8(lo, hi):
 
 @triton.jit
 def _runs(S: tl.constexpr, WIDE: tl.constexpr):
-    """Each thread's columns of a chunk of ``8·S`` as load offsets, for the grouped streams: 16-bit logits ``[1, S,
+    """Each thread's columns of a chunk of ``8·S`` as load offsets: 16-bit logits ``[1, S,
     8]``, thread s holds 8s .. 8s+7 (one 16-byte load); 32-bit logits (``WIDE``) ``[1, S, 4]``, the first of its
     two runs, 4s .. 4s+3 and 4S+4s .. 4S+4s+3 (two 16-byte loads: ``_load8``, ``_at_cols``; the chunk's columns:
-    ``_cols8``). Why two loads of ``[.., S, 4]`` rather than one ``[2, .., S, 4]`` (``_lanes``): Triton 3.6's
+    ``_cols8``). Why two loads of ``[.., S, 4]`` rather than one ``[2, .., S, 4]`` (as before): Triton 3.6's
     coalescing gave the ``2`` threads of its own (ties of contiguity ordered from the first dimension), so every
     top-2 and sum of a thread's 8 went through shuffles (sm_90, DeepSeek-V3 float32 k = 8 steered: 276 SHFL,
     739 FMNMX, 3,184 instructions against Triton 3.9's 70, 259 and 2,080)."""
@@ -88,13 +93,20 @@ def _runs(S: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _load8(ptrs, mask):
-    """A chunk of logits at ``ptrs`` (``_runs``' offsets added): one load, or for 32-bit logits both runs, paired.
-    ``mask``: per row (``[ROWS, 1, 1]``)."""
+def _load8(ptrs, mask, cols=None, lim=None):
+    """A chunk of logits at ``ptrs`` (``_runs``' offsets ``cols`` added): one load, or for 32-bit logits both runs,
+    paired. ``mask``: per row (``[ROWS, 1, 1]``); ``lim``: columns from it on are padding (0)."""
     if ptrs.shape[2] == 4:
-        x = _pair8(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 4 * ptrs.shape[1], mask=mask, other=0.0))
-    else:
+        step = 4 * ptrs.shape[1]
+        if lim is None:
+            x = _pair8(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + step, mask=mask, other=0.0))
+        else:
+            x = _pair8(tl.load(ptrs, mask=mask & (cols < lim), other=0.0),
+                       tl.load(ptrs + step, mask=mask & (cols + step < lim), other=0.0))
+    elif lim is None:
         x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=mask & (cols < lim), other=0.0)
     return x
 
 
@@ -104,24 +116,6 @@ def _cols8(cols):
     if cols.shape[2] == 4:
         cols = _pair8(cols, cols + 4 * cols.shape[1])
     return cols
-
-
-@triton.jit
-def _lanes(S: tl.constexpr, WIDE: tl.constexpr):
-    """Each thread's 8 columns of a chunk of ``8·S`` (offsets within it; a row's S threads hold it all). 16-bit
-    logits: ``[1, S, 8]``, thread s holds 8s .. 8s+7 (one 16-byte load). 32-bit logits (``WIDE``): ``[2, 1, S, 4]``,
-    thread s holds 4s .. 4s+3 and 4S+4s .. 4S+4s+3 (two 16-byte loads). Why: Triton's coalescing gives a load at
-    most 16 bytes a thread, so a ``[.., S, 8]`` chunk of float32 went to two threads per 8, and each top-2 or sort
-    of a thread's 8 regrouped them through shuffles (DeepSeek-V3's streamed kernel, sm_90 SASS: 134 SHFL.IDX)."""
-    if WIDE:
-        h = tl.arange(0, 2)
-        s = tl.arange(0, S)
-        c = tl.arange(0, 4)
-        return (h[:, None, None] * (4 * S) + s[None, :, None] * 4 + c[None, None, :])[:, None, :, :]
-    else:
-        s = tl.arange(0, S)
-        c = tl.arange(0, 8)
-        return (s[:, None] * 8 + c[None, :])[None, :, :]
 
 
 @triton.jit
@@ -188,20 +182,10 @@ def _ce(a, b):
 
 
 @triton.jit
-def _own8(x):
-    """A chunk as ``[ROWS, S, 8]``, each thread's 8 in the last dimension: as is, or from ``_lanes``' ``[2, ROWS, S,
-    4]`` for 32-bit logits (its first and last dimensions, which stay in the thread's registers)."""
-    if len(x.shape) == 4:
-        x = tl.reshape(tl.permute(x, (1, 2, 3, 0)), [x.shape[1], x.shape[2], 8])
-    return x
-
-
-@triton.jit
 def _split8(x):
-    """The 8 entries of the last dimension (one thread's registers after a 16-byte load of bf16) as eight
-    tensors without it, in the order 0, 4, 2, 6, 1, 5, 3, 7 (the callers sort or insert, so order is free); or
-    of a ``[2, ROWS, S, 4]`` chunk (``_lanes`` for 32-bit logits), its first and last dimensions."""
-    x = _own8(x)
+    """The 8 entries of the last dimension (one thread's registers: a 16-byte load of bf16, or two of float32
+    paired, ``_runs``) as eight tensors without it, in the order 0, 4, 2, 6, 1, 5, 3, 7 (the callers sort or
+    insert, so order is free)."""
     h = tl.reshape(x, [x.shape[0], x.shape[1], 2, 2, 2])
     a, b = tl.split(h)
     a0, a1 = tl.split(a)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (_BCHOICE, _BIAS, _BIAS_ABS, _CCOL, _CHOICE, _DROP, _FCOL, _MASK, _LOG2E, _TAKEN, _at_cols, _exp,
-                            _cols8, _finish, _from_order_bits, _load8, _own8, _rcp, _runs, _split8, _steered_at)
+                            _cols8, _finish, _from_order_bits, _load8, _rcp, _runs, _split8, _steered_at)
 from .triton_rows import _deepseek_v2_rows, _deepseek_v3_rows
 from .triton_stream import _absorb, _empty_lists, _key32, _pick
 
@@ -469,18 +469,18 @@ def _v2_chunk_into(best, off, sm, raw_max, raw, cols, tabs_ptr, E, HAS_BIAS: tl.
     choice order, ``_v2_choice``'s values (``z' + CHOICE`` is ``raw + BCHOICE`` bit for bit), for pass 2."""
     z = _biased(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS)
     if HAS_FORCE:
-        raw_max = tl.maximum(raw_max, tl.max(_own8(z), 2))
+        raw_max = tl.maximum(raw_max, tl.max(z, 2))
     zc = z
     if HAS_MASK:  # disabled and forced experts leave the sum (forced ones come back as exp(0) each)
         if CHOICE:
             zc = z + _at_cols(tabs_ptr + _CHOICE * E, cols, raw.shape)
         z = z + _at_cols(tabs_ptr + _DROP * E, cols, raw.shape)
-    top = tl.max(_own8(z), 2)
+    top = tl.max(z, 2)
     best = tl.maximum(best, top)
     # a new offset only where the chunk's best is far above it (the terms stay below e^16): each change costs
     # the earlier terms a rounding (rtol 2e-6 failed with one at every new max)
     new = tl.where(top > off + 16.0, top, off)
-    sm = sm * _rescale(off, new, PRECISE) + tl.sum(_own8(_exp_off(z, new[:, :, None], PRECISE)), 2)
+    sm = sm * _rescale(off, new, PRECISE) + tl.sum(_exp_off(z, new[:, :, None], PRECISE), 2)
     return best, new, sm, raw_max, zc
 
 

@@ -324,7 +324,7 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
     fd = float(force_delta)
     precise = _PRECISE if precise is None else (precise and not _INTERPRET)
     v3 = isinstance(rule, DeepseekV3Rule)
-    wide = logits.element_size() == 4  # 32-bit logits: the streamed kernels' two-run chunk layout (_lanes)
+    wide = logits.element_size() == 4  # 32-bit logits: the streamed kernels' two-run chunk layout (_runs)
     flags = _device[1]
     if v3 and has_mask:  # the mask rides in the correction bias: one table load a logit less, no mask selects
         corr = _v3_choice_bias(rule.correction_bias, tab, tables)

@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .launch import next_pow2
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
-                            _at_cols, _ce, _exp, _finish, _from_order_bits, _lanes, _order_bits, _own8, _sort8,
+                            _at_cols, _ce, _cols8, _exp, _finish, _from_order_bits, _load8, _order_bits, _runs, _sort8,
                             _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
@@ -82,12 +82,13 @@ def _exp2_off(zd, off_l2, PRECISE: tl.constexpr):
 
 @triton.jit
 def _load(base, cols, row_ok, E, EVEN: tl.constexpr):
-    """The logits of one chunk at ``cols`` (``_lanes``: ``[ROWS, S, 8]``, or ``[2, ROWS, S, 4]`` for 32-bit
-    logits), as stored: 16-byte loads."""
+    """The logits of one chunk at ``cols`` (``_runs``' offsets; the chunk ``[ROWS, S, 8]``), as stored: 16-byte
+    loads."""
     if EVEN:
-        return tl.load(base + cols, mask=row_ok[:, None, None], other=0.0)
+        x = _load8(base + cols, row_ok[:, None, None])
     else:
-        return tl.load(base + cols, mask=row_ok[:, None, None] & (cols < E), other=0.0)
+        x = _load8(base + cols, row_ok[:, None, None], cols, E)
+    return x
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def _fetch(base, tabs_ptr, ch, lanes, s, row_ok, E, S: tl.constexpr, EVEN: tl.co
         if EVEN:
             return raw, _at_cols(tabs_ptr + _SDROP * E, cols, raw.shape)
         else:
-            return raw, _at_cols(tabs_ptr + _SDROP * E, cols, raw.shape, cols < E)
+            return raw, _at_cols(tabs_ptr + _SDROP * E, cols, raw.shape, E)
     elif SPARSE:
         word = tl.load(tabs_ptr.to(tl.pointer_type(tl.int32)) + _SPW * E + (ch * 8 * S) // 32)
         return raw, word >> ((ch * 8 * S) % 32 + s * 8)
@@ -114,7 +115,7 @@ def _fetch(base, tabs_ptr, ch, lanes, s, row_ok, E, S: tl.constexpr, EVEN: tl.co
 def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
            HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr, raw=None, CANON: tl.constexpr = True,
            drop=None, special=None):
-    """One chunk of the block at ``cols`` (``_lanes``: ``[ROWS, S, 8]``, or ``[2, ROWS, S, 4]``): ``z' = z + b
+    """One chunk of the block at ``cols`` (``_runs``' offsets; the chunk ``[ROWS, S, 8]``): ``z' = z + b
     (+ b_abs·|z|)`` (-inf in padding columns) and ``zd``, which is ``z'`` plus the table row ``DROP`` when ``HAS_MASK`` (-inf at disabled and forced experts; or
     ``drop``, the sparse form's ``SDROP`` entries: -inf at every special column, unbiased ``z``), which also turns
     -0.0 into +0.0, as a float comparison sees it (so does ``CANON`` without a mask; otherwise the caller checks
@@ -125,7 +126,7 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
     if special is not None:
         z = raw.to(tl.float32)
         if not EVEN:
-            z = tl.where(cols < E, z, -float("inf"))
+            z = tl.where(_cols8(cols) < E, z, -float("inf"))
         if CANON:
             z = z + 0.0
         zd = tl.where(special, -float("inf"), z)
@@ -145,19 +146,19 @@ def _chunk(base, cols, row_ok, tabs_ptr, E, EVEN: tl.constexpr, HAS_BIAS: tl.con
         else:
             zd = z
     else:
-        col_ok = cols < E
+        col_ok = _cols8(cols) < E
         z = raw.to(tl.float32)
         if HAS_BIAS:
-            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols, z.shape, col_ok)
+            zb = z + _at_cols(tabs_ptr + _BIAS * E, cols, z.shape, E)
             if HAS_BIAS_ABS:
-                b_abs = _at_cols(tabs_ptr + _BIAS_ABS * E, cols, z.shape, col_ok)
+                b_abs = _at_cols(tabs_ptr + _BIAS_ABS * E, cols, z.shape, E)
                 zb = zb + b_abs * tl.abs(z)
             z = zb
         z = tl.where(col_ok, z, -float("inf"))
         if drop is not None:
             zd = z + drop
         elif HAS_MASK:
-            zd = z + _at_cols(tabs_ptr + _DROP * E, cols, z.shape, col_ok)
+            zd = z + _at_cols(tabs_ptr + _DROP * E, cols, z.shape, E)
         elif CANON:
             zd = z + 0.0
         else:
@@ -259,7 +260,7 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
     LOW: tl.constexpr = (1 << CB) - 1
     s = tl.arange(0, S)
     c = tl.arange(0, 8)
-    lanes = _lanes(S, WIDE)
+    lanes = _runs(S, WIDE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     row_max = tl.full([ROWS, S], -float("inf"), tl.float32)
     off = tl.zeros([ROWS, S], tl.float32)
@@ -299,15 +300,15 @@ def _stream(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, ROWS: tl.constexpr,
         else:
             z, zd = _chunk(base, cols, row_ok, tabs_ptr, E, EVEN, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, raw, CANON)
         if HAS_FORCE:  # sparse form: the raw logits, biased columns included (the kernel checks those)
-            row_max = tl.maximum(row_max, tl.max(_own8(z), 2))
+            row_max = tl.maximum(row_max, tl.max(z, 2))
         if SUM:
             if ch == 0:
-                off = tl.max(_own8(z), 2)
+                off = tl.max(z, 2)
                 if not EVEN:  # a thread whose first chunk is all padding
                     off = tl.where(off == -float("inf"), 0.0, off)
                 off_l2 = off * _LOG2E
-            acc += tl.sum(_own8(_exp2_off(zd, off_l2[:, :, None], PRECISE)), 2)
-        key = _key32(zd, cols, CB, KEY_FMA)
+            acc += tl.sum(_exp2_off(zd, off_l2[:, :, None], PRECISE), 2)
+        key = _key32(zd, _cols8(cols), CB, KEY_FMA)
         l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, row_max, off, acc
 
@@ -410,7 +411,7 @@ def _select_exact(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, n_forced, ROW
                   HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr, HAS_MASK: tl.constexpr):
     """The selection again with exact 64-bit keys (order bits << 32 | 2^31 - 1 - column), one streamed pass per
     pick (each takes the best key below the previous pick): ``[ROWS, SLOTS]`` int32 columns."""
-    lanes = _lanes(S, False)  # a rare path: any layout, the shuffles do not matter
+    lanes = _runs(S, False)  # a rare path: any layout, the shuffles do not matter
     slot = tl.arange(0, SLOTS)
     sel = tl.zeros([ROWS, SLOTS], dtype=tl.int32)
     prev = tl.full([ROWS], 9223372036854775807, tl.int64)
@@ -436,7 +437,7 @@ def _sum_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, mx, ROWS: tl.con
                E_PAD: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                HAS_MASK: tl.constexpr, PRECISE: tl.constexpr):
     """``Σ exp(zd - mx)`` per row, streamed again (the offset sums could have over- or underflowed)."""
-    lanes = _lanes(S, False)
+    lanes = _runs(S, False)
     acc = tl.zeros([ROWS, S], tl.float32)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     for ch in tl.range(0, E_PAD // (8 * S), loop_unroll_factor=1):
@@ -482,7 +483,7 @@ def _stream_topk_kernel(logits_ptr, stride_t, tabs_ptr, w_ptr, idx_ptr, T, E, fo
     else one bit each; ``KEY_FMA``: see the module docstring) and come back as gathers: ``n_cand`` enabled biased
     columns (``CCOL``) compete in the picks and join the sum; the ``n_drop`` disabled and forced ones (``DCOL``)
     only count for the row max (force; ``D_BIAS``: some of them are biased). ``WIDE``: 32-bit logits, each thread's
-    8 columns of a chunk as two runs of 4 (``_lanes``)."""
+    8 columns of a chunk as two runs of 4 (``_runs``)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     itabs = tabs_ptr.to(tl.pointer_type(tl.int32))
@@ -699,7 +700,7 @@ def _sm_again(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, sel, zs, n_forced
     """The rounds' sums streamed again (runtime loops: rare, register-light): an expert is in round j's set when
     its 64-bit key (order bits << 32 | 2^31 - 1 - column) is at most pick j's; forced experts, which left the
     stream (-inf), add 1 to each round before theirs."""
-    lanes = _lanes(S, False)
+    lanes = _runs(S, False)
     slot = tl.arange(0, SLOTS)
     pkey = (_order_bits(zs).to(tl.int64) << 32) | (0x7FFFFFFF - sel).to(tl.int64)
     acc = tl.maximum(n_forced - slot, 0).to(tl.float32)[None, :] + tl.zeros([ROWS, SLOTS], tl.float32)
