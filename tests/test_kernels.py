@@ -731,6 +731,27 @@ def test_stream_choices_flipped_agree_with_the_reference(name, k, flip):
                      rtol=8e-3, atol=1e-6)  # unsteered, the reference is the rule on the bf16 logits
 
 
+@interp
+@pytest.mark.parametrize("name", STREAMED)
+@pytest.mark.parametrize("E", [24, 40, 60])
+def test_stream_float32_runs_with_padding_columns(name, E):
+    """float32 logits reach the streams as two 16-byte runs a thread (``triton_common._runs``); with E not a
+    multiple of the chunk (8·S) the last chunk's padding columns, in either run, are never chosen and never summed,
+    and the tables (dense for float32: here a bias on every expert) line up with the runs: the reference's
+    selection and weights, with one bias and with a spec that forces, disables and biases everywhere."""
+    import dataclasses
+
+    from routelens.kernels.reference import masked_route
+    from routelens.kernels.triton_route import route_kernel
+
+    rule = dataclasses.replace(RULES[name](E), k=3)
+    z = _distinct_logits(20, E, torch.float32, seed=E)
+    z = z + 0.001 * torch.randn(20, E, generator=torch.Generator().manual_seed(1))  # low bits set: lossy keys
+    dense = _tables(E, force=[E - 1], disable=[0, E - 2], bias={j: 0.01 * (j % 7) for j in range(E)})
+    for t in (_tables(E, bias={E - 3: 0.5}), dense):
+        _assert_same(name, *route_kernel(z, rule, t, impl="stream"), *masked_route(z, rule, t))
+
+
 def _crowded_logits(E: int, dtype, seed: int) -> torch.Tensor:
     """24 rows for sparsemixer's weight sets (experts within 2ε = 0.02, relative, of a pick): rows 0-7 have 2-3
     near the top in each streaming thread's columns (S = 4 threads, 8 adjacent columns each, in turn); rows 8-11
