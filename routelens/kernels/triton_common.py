@@ -78,13 +78,13 @@ def _pair8(lo, hi):
 
 @triton.jit
 def _runs(S: tl.constexpr, WIDE: tl.constexpr):
-    """Each thread's columns of a chunk of ``8·S`` as load offsets: 16-bit logits ``[1, S,
-    8]``, thread s holds 8s .. 8s+7 (one 16-byte load); 32-bit logits (``WIDE``) ``[1, S, 4]``, the first of its
-    two runs, 4s .. 4s+3 and 4S+4s .. 4S+4s+3 (two 16-byte loads: ``_load8``, ``_at_cols``; the chunk's columns:
-    ``_cols8``). Why two loads of ``[.., S, 4]`` rather than one ``[2, .., S, 4]`` (as before): Triton 3.6's
-    coalescing gave the ``2`` threads of its own (ties of contiguity ordered from the first dimension), so every
-    top-2 and sum of a thread's 8 went through shuffles (sm_90, DeepSeek-V3 float32 k = 8 steered: 276 SHFL,
-    739 FMNMX, 3,184 instructions against Triton 3.9's 70, 259 and 2,080)."""
+    """Each thread's columns of a chunk of ``8·S`` as load offsets: 16-bit logits ``[1, S, 8]``, thread s holds
+    8s .. 8s+7 (one 16-byte load); 32-bit logits (``WIDE``) ``[1, S, 4]``, the first of its two runs, 4s .. 4s+3
+    and 4S+4s .. 4S+4s+3 (two 16-byte loads: ``_load8``, ``_at_cols``; the chunk's columns: ``_cols8``).
+    Why two loads of ``[.., S, 4]`` rather than one ``[2, .., S, 4]`` (as before): Triton 3.6's coalescing gave
+    the ``2`` threads of its own (ties of contiguity ordered from the first dimension), so every top-2 and sum of
+    a thread's 8 went through shuffles (sm_90, DeepSeek-V3 float32 k = 8 steered: 276 SHFL, 739 FMNMX, 3,184
+    instructions against Triton 3.9's 70, 259 and 2,080)."""
     s = tl.arange(0, S)
     if WIDE:
         return (s[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]

@@ -267,7 +267,8 @@ def _kept_resident(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, row_ok, x0, x1, x2,
         x = tl.where(gi == 5, x5, x)
         x = tl.where(gi == 6, x6, x)
         x = tl.where(gi == 7, x7, x)
-    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, _cols8(gi * 8 * S + lanes), CB), N)
+    key = _key32(x, _cols8(gi * 8 * S + lanes), CB)
+    l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
 
@@ -288,7 +289,8 @@ def _kept_into(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, base, row_ok, tabs_ptr,
             x = _v2_choice(raw, cols, tabs_ptr, E, HAS_BIAS, HAS_BIAS_ABS, HAS_MASK)
         else:
             x = _choice(raw, cols, tabs_ptr, corr_ptr, E, HAS_BIAS, HAS_BIAS_ABS, PRECISE)
-        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, _key32(x, _cols8(cols), CB), N)
+        key = _key32(x, _cols8(cols), CB)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
 
 

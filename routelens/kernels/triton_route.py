@@ -363,7 +363,8 @@ def route_kernel(logits: Tensor, rule, tables: LayerTables | None, force_delta: 
                      CPG=cpg, GB=g_pad.bit_length() - 1, HAS_BIAS=has_bias, HAS_BIAS_ABS=has_bias_abs,
                      HAS_MASK=has_mask, HAS_BOOST=has_boost, RENORM_BOOST=has_boost and renorm_boost,
                      PRECISE=precise, num_warps=1, enable_fp_fusion=False, E_PAD=E, R_SLOTS=rows_kw["SLOTS"],
-                     WIDE=wide, IN_PLACE=in_place, RESIDENT=resident, **_group_kwargs(E, E, int(rule.n_group), int(rule.topk_group)))
+                     WIDE=wide, IN_PLACE=in_place, RESIDENT=resident,
+                     **_group_kwargs(E, E, int(rule.n_group), int(rule.topk_group)))
         if v3:
             launch(_v3_stream_kernel, (n_blocks,), logits, logits.stride(0), tab, corr, weights, indices, T, E,
                    float(rule.scaling), redo[1:], redo, RENORM=bool(rule.renormalize), **shape,

@@ -62,8 +62,8 @@ import triton.language as tl
 
 from .launch import next_pow2
 from .triton_common import (_BIAS, _BIAS_ABS, _CCOL, _DCOL, _DROP, _FCOL, _LOG2E, _SDROP, _SPW, _TAKEN, _TAKEN64,
-                            _at_cols, _ce, _cols8, _exp, _finish, _from_order_bits, _load8, _order_bits, _runs, _sort8,
-                            _split8, _steered_at)
+                            _at_cols, _ce, _cols8, _exp, _finish, _from_order_bits, _load8, _order_bits, _runs,
+                            _sort8, _split8, _steered_at)
 
 _SOFTMAX, _V2_GREEDY, _GPT_OSS, _SPARSEMIXER = (tl.constexpr(i) for i in range(4))
 _SPAN = tl.constexpr(60.0)  # |best enabled score - offset| above which a thread's offset sum is redone
