@@ -837,15 +837,7 @@ def test_grouped_stream_equals_oracle(family, E, n_group, topk_group, k, dtype):
 def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
     """``ROWS_PER_THREAD`` = 2 (blocks of 16 rows, one table load for both of a thread's rows): the same selection
     and weights; 40 rows, so the last block is part padding."""
-    from routelens.kernels import triton_route
-
-    grids = []
-    launch = triton_route.launch
-
-    def recorded(kernel, grid, *args, **consts):
-        grids.append((kernel.fn.__name__, grid, consts.get("ROWS")))
-        launch(kernel, grid, *args, **consts)
-    monkeypatch.setattr(triton_route, "launch", recorded)
+    launches = _launches(monkeypatch)
     E, n_group, topk_group, k = 256, 8, 4, 8
     g = torch.Generator().manual_seed(11)
     rule = (DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
@@ -855,9 +847,21 @@ def test_grouped_stream_with_two_rows_a_thread(family, dtype, monkeypatch):
                 boost={17: 0.5, 3: 2.0}, renormalize=True)
     for tables in (None, t):
         _grouped_check(z, rule, tables, {"ROWS_PER_THREAD": 2})
-    streamed = [(grid, rows) for name, grid, rows in grids if name.endswith("_stream_kernel")]
-    assert streamed and all(g == (3,) and r == 16 for g, r in streamed), grids
+    streamed = [(grid, consts["ROWS"]) for name, grid, consts in launches if name.endswith("_stream_kernel")]
+    assert streamed and all(g == (3,) and r == 16 for g, r in streamed), streamed
 
+
+def _launches(monkeypatch) -> list:
+    """Every kernel launch of ``triton_route`` from here on, as ``(kernel name, grid, keywords)``; each still runs."""
+    from routelens.kernels import triton_route
+
+    seen, real = [], triton_route.launch
+
+    def recorded(kernel, grid, *args, **consts):
+        seen.append((kernel.fn.__name__, grid, consts))
+        real(kernel, grid, *args, **consts)
+    monkeypatch.setattr(triton_route, "launch", recorded)
+    return seen
 
 
 @interp
@@ -870,14 +874,7 @@ def test_grouped_stream_resident_rows_and_streamed_pass_2_agree(family, dtype, m
     from routelens.kernels import triton_route
 
     monkeypatch.setattr(triton_route, "GROUPED_RESIDENT", True)
-    seen = []
-    launch = triton_route.launch
-
-    def recorded(kernel, grid, *args, **consts):
-        if kernel.fn.__name__.endswith("_stream_kernel"):
-            seen.append((consts["N_GROUP"], consts["CPG"], consts["RESIDENT"]))
-        launch(kernel, grid, *args, **consts)
-    monkeypatch.setattr(triton_route, "launch", recorded)
+    launches = _launches(monkeypatch)
     g = torch.Generator().manual_seed(21)
     for E, n_group, topk_group, k in ((256, 8, 4, 8), (64, 4, 2, 3), (256, 4, 2, 4)):
         rule = (DeepseekV3Rule(k, n_group, topk_group, True, 2.5, torch.randn(E, generator=g) * 0.05)
@@ -885,12 +882,14 @@ def test_grouped_stream_resident_rows_and_streamed_pass_2_agree(family, dtype, m
         z = (torch.randn(20, E, generator=g) * 2).to(dtype)
         per = E // n_group
         t = _tables(E, force=[per + 1], disable=[0, 5, per + 2], bias={3: 0.75, per + 4: -0.5}, boost={3: 2.0})
-        seen.clear()
+        launches.clear()
         _grouped_check(z, rule, t)
-        assert seen and all(r == (cpg == 1) for _, cpg, r in seen), seen
-        if seen[0][2]:
+        seen = [(c["CPG"], c["RESIDENT"]) for name, _, c in launches if name.endswith("_stream_kernel")]
+        assert seen and all(r == (cpg == 1) for cpg, r in seen), seen
+        if seen[0][1]:
             for tables in (None, t):
                 _grouped_check(z, rule, tables, {"RESIDENT": False})
+
 
 @interp
 def test_v3_stream_ties_of_equal_scores_are_selected_exactly():

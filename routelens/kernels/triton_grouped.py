@@ -257,16 +257,8 @@ def _kept_resident(l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, row_ok, x0, x1, x2,
     gkey, gm, g = _next_group(gkey, row_ok, GB, N_GROUP)
     gi = g[:, None, None]
     x = x0
-    if N_GROUP > 1:
-        x = tl.where(gi == 1, x1, x)
-    if N_GROUP > 2:
-        x = tl.where(gi == 2, x2, x)
-        x = tl.where(gi == 3, x3, x)
-    if N_GROUP > 4:
-        x = tl.where(gi == 4, x4, x)
-        x = tl.where(gi == 5, x5, x)
-        x = tl.where(gi == 6, x6, x)
-        x = tl.where(gi == 7, x7, x)
+    for i in tl.static_range(1, N_GROUP):
+        x = tl.where(gi == i, _nth8(i, x0, x1, x2, x3, x4, x5, x6, x7), x)
     key = _key32(x, _cols8(gi * 8 * S + lanes), CB)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _absorb(l0, l1, l2, l3, l4, l5, l6, l7, l8, key, N)
     return l0, l1, l2, l3, l4, l5, l6, l7, l8, gkey, gm
@@ -305,6 +297,7 @@ def _v3_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, corr_ptr, E, ROWS: 
     unrolled (more loads in flight, more registers) or runtime loops. ``WIDE``: 32-bit logits (``_runs``).
     ``RESIDENT`` (a chunk a group, at most 8 groups: DeepSeek-V3's 256 experts in 8 groups of 32): the row is
     loaded at once and its choice scores stay in registers, so pass 2 neither loads nor recomputes a sigmoid."""
+    tl.static_assert(not RESIDENT or (CPG == 1 and N_GROUP <= 8), "RESIDENT: a chunk a group, at most 8 groups")
     lanes = _runs(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1  # the (k+1)-th best bounds what was left out
@@ -487,19 +480,19 @@ def _v2_chunk_into(best, off, sm, raw_max, raw, cols, tabs_ptr, E, HAS_BIAS: tl.
 
 
 @triton.jit
-def _v2_group_key(gkey, hi, best, g, forced, gid, GB: tl.constexpr, HAS_FORCE: tl.constexpr):
-    """Group ``g``'s key from each thread's best of it: the best (+inf where it holds a forced expert: ``forced``)
-    into ``gkey``; ``hi``, each thread's best so far."""
+def _v2_group_key(gkey, hi, best, g, fgroup, gid, GB: tl.constexpr, HAS_FORCE: tl.constexpr):
+    """Group ``g``'s key from each thread's best of it: the best (+inf where it holds a forced expert: ``fgroup``,
+    the forced experts' groups) into ``gkey``; ``hi``, each thread's best so far."""
     hi = tl.maximum(hi, best)
     score = tl.max(best, 1)
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties +0.0, as in the rule; its key would order them
     if HAS_FORCE:
-        score = tl.where(forced, float("inf"), score)
+        score = tl.where(tl.max((fgroup == g).to(tl.int32), 0) > 0, float("inf"), score)
     return tl.where(gid[None, :] == g, _key32(score, g, GB)[:, None], gkey), hi
 
 
 @triton.jit
-def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, forced, lanes, gid, S: tl.constexpr,
+def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, fgroup, lanes, gid, S: tl.constexpr,
                    CPG: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_ABS: tl.constexpr,
                    HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
     """DeepSeek-V2's pass 1 over group ``g``, its ``CPG`` chunks streamed (``_v2_chunk_into``, ``_v2_group_key``)."""
@@ -509,7 +502,7 @@ def _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g, for
         raw = _load8(base + cols, row_ok[:, None, None])
         best, off, sm, raw_max, _ = _v2_chunk_into(best, off, sm, raw_max, raw, cols, tabs_ptr, E, HAS_BIAS,
                                                    HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, False)
-    gkey, hi = _v2_group_key(gkey, hi, best, g, forced, gid, GB, HAS_FORCE)
+    gkey, hi = _v2_group_key(gkey, hi, best, g, fgroup, gid, GB, HAS_FORCE)
     return gkey, off, sm, hi, raw_max
 
 
@@ -519,11 +512,10 @@ def _v2_group_resident(gkey, off, sm, hi, raw_max, raw, g: tl.constexpr, fgroup,
                        HAS_MASK: tl.constexpr, HAS_FORCE: tl.constexpr, PRECISE: tl.constexpr):
     """``_v2_group_into`` for a group of one chunk already loaded (``RESIDENT``), also returning the chunk's choice
     order, which stays in registers for pass 2."""
-    forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
     best = tl.full([raw_max.shape[0], S], -float("inf"), tl.float32)
     best, off, sm, raw_max, x = _v2_chunk_into(best, off, sm, raw_max, raw, g * 8 * S + lanes, tabs_ptr, E,
                                                HAS_BIAS, HAS_BIAS_ABS, HAS_MASK, HAS_FORCE, PRECISE, True)
-    gkey, hi = _v2_group_key(gkey, hi, best, g, forced, gid, GB, HAS_FORCE)
+    gkey, hi = _v2_group_key(gkey, hi, best, g, fgroup, gid, GB, HAS_FORCE)
     return gkey, off, sm, hi, raw_max, x
 
 
@@ -538,6 +530,7 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
     row whether the selection is certain. ``EXACT``: 16-bit logits, whose keys lose nothing outside the ``n_cand``
     enabled biased experts (listed in the table's ``CCOL`` row). ``WIDE``: 32-bit logits (``_runs``).
     ``RESIDENT``: as ``_v3_select``'s (the choice order kept in registers, pass 2 without loads)."""
+    tl.static_assert(not RESIDENT or (CPG == 1 and N_GROUP <= 8), "RESIDENT: a chunk a group, at most 8 groups")
     lanes = _runs(S, WIDE)
     base = logits_ptr + rows.to(tl.int64)[:, None, None] * stride_t
     N: tl.constexpr = K + 1
@@ -564,9 +557,8 @@ def _v2_select(logits_ptr, stride_t, rows, row_ok, tabs_ptr, E, force_delta, sca
             x0, x1, x2, x3, x4, x5, x6, x7 = _put8(g, x, x0, x1, x2, x3, x4, x5, x6, x7)
     else:
         for g in tl.static_range(N_GROUP):  # pass 1
-            forced = tl.max((fgroup == g).to(tl.int32), 0) > 0
             gkey, off, sm, hi, raw_max = _v2_group_into(gkey, off, sm, hi, raw_max, base, row_ok, tabs_ptr, E, g,
-                                                        forced, lanes, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS,
+                                                        fgroup, lanes, gid, S, CPG, GB, HAS_BIAS, HAS_BIAS_ABS,
                                                         HAS_MASK, HAS_FORCE, PRECISE)
     l0, l1, l2, l3, l4, l5, l6, l7, l8 = _empty_lists(ROWS, S)
     gm = tl.zeros([ROWS], tl.int32)
